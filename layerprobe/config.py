@@ -1,0 +1,121 @@
+"""Analysis configuration: a frozen dataclass loaded from TOML (see ``analysis_configs/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerprobe.probes import ProbeConfig
+
+CCA_METRICS = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
+ALL_METRICS = (*CCA_METRICS, "mi")
+DEFAULT_PROBES = ("fbank", "phone", "word")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything that decides a score besides the model: corpus, probes, protocol, hardware."""
+
+    corpus: str = ""  # empty: the bundled corpus
+    word_tier: str = "words"
+    phone_tier: str = "phones"
+    max_utterances: int = 0  # 0: all
+    probes: tuple[str, ...] = DEFAULT_PROBES
+    metrics: tuple[str, ...] = ("pwcca",)
+    probe_config: ProbeConfig = field(default_factory=ProbeConfig)
+    n_trials: int = 3
+    phone_clusters: int = 500
+    word_clusters: int = 5000
+    mi_max_iter: int = 500
+    batch_seconds: float = 60.0
+    max_chunk_seconds: float = 30.0
+    device: str = "auto"
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}")
+        if not self.probes:
+            raise ValueError("at least one probe is needed")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def seed(self) -> int:
+        """The one seed of an analysis (sampling, splits, trials, k-means): ``[probes] seed``."""
+        return self.probe_config.seed
+
+    def replace(self, **changes: Any) -> AnalysisConfig:
+        """A copy with some fields changed (``probe_config`` fields may be passed too)."""
+        probe_fields = {f.name for f in dataclasses.fields(ProbeConfig)}
+        probe_changes = {k: changes.pop(k) for k in list(changes) if k in probe_fields}
+        if probe_changes:
+            changes["probe_config"] = dataclasses.replace(self.probe_config, **probe_changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["probe_config"] = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in data["probe_config"].items()
+        }
+        return data
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> AnalysisConfig:
+        """Load ``[corpus]``, ``[probes]``, ``[cca]``, ``[mi]`` and ``[model]`` tables."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such analysis config")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML ({err})") from err
+        try:
+            return cls.from_dict(data, base_dir=path.parent)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base_dir: Path | None = None) -> AnalysisConfig:
+        known = {"corpus", "probes", "cca", "mi", "model"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown}; expected {sorted(known)}")
+        kw: dict[str, Any] = {}
+        corpus = dict(data.get("corpus", {}))
+        _take(corpus, kw, {"path": "corpus", "word_tier": "word_tier", "phone_tier": "phone_tier",
+                           "max_utterances": "max_utterances"}, "corpus")
+        if kw.get("corpus") and base_dir is not None and not Path(kw["corpus"]).is_absolute():
+            candidate = (base_dir / kw["corpus"]).resolve()
+            kw["corpus"] = str(candidate) if candidate.exists() else kw["corpus"]
+        probes = dict(data.get("probes", {}))
+        if "names" in probes:
+            kw["probes"] = tuple(probes.pop("names"))
+        kw["probe_config"] = ProbeConfig.from_dict(probes)
+        cca = dict(data.get("cca", {}))
+        if "metric" in cca:
+            kw["metrics"] = (cca.pop("metric"),)
+        if "metrics" in cca:
+            kw["metrics"] = tuple(cca.pop("metrics"))
+        _take(cca, kw, {"n_trials": "n_trials"}, "cca")
+        _take(dict(data.get("mi", {})), kw, {"phone_clusters": "phone_clusters",
+                                             "word_clusters": "word_clusters",
+                                             "max_iter": "mi_max_iter"}, "mi")
+        _take(dict(data.get("model", {})), kw, {"batch_seconds": "batch_seconds",
+                                                "max_chunk_seconds": "max_chunk_seconds",
+                                                "device": "device", "bf16": "bf16"}, "model")
+        return cls(**kw)
+
+
+def _take(table: dict[str, Any], out: dict[str, Any], names: dict[str, str], section: str) -> None:
+    for key, attr in names.items():
+        if key in table:
+            out[attr] = table.pop(key)
+    if table:
+        raise ValueError(f"unknown key(s) {sorted(table)} in [{section}]")

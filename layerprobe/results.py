@@ -1,0 +1,113 @@
+"""The one results format: a JSON file holding a list of layerwise scores.
+
+Every plot and comparison reads this format. A file looks like::
+
+    {"format": "layerprobe-results-v1",
+     "results": [{"model": ..., "label": ..., "corpus": ..., "probe": "word", "metric": "pwcca",
+                  "layers": [0, 1, ...], "scores": [...], "details": {...}, "meta": {...}}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_FORMAT = "layerprobe-results-v1"
+
+
+@dataclass(frozen=True)
+class Result:
+    """Per-layer scores of one model for one probe and one metric."""
+
+    model: str
+    label: str
+    corpus: str
+    probe: str
+    metric: str
+    layers: list[int]
+    scores: list[float]
+    details: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.scores):
+            raise ValueError(
+                f"result {self.label!r} ({self.probe}/{self.metric}): {len(self.layers)} layers "
+                f"but {len(self.scores)} scores"
+            )
+        pairs = zip(self.layers, self.scores, strict=True)
+        bad = [layer for layer, score in pairs if not math.isfinite(score)]
+        if bad:
+            raise ValueError(
+                f"result {self.label!r} ({self.probe}/{self.metric}): "
+                f"non-finite score at layers {bad}"
+            )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The (probe, metric) panel this result belongs to."""
+        return (self.probe, self.metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Result:
+        required = ("model", "label", "corpus", "probe", "metric", "layers", "scores")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"{source}: result entry lacks {missing}")
+        return cls(
+            model=str(data["model"]),
+            label=str(data["label"]),
+            corpus=str(data["corpus"]),
+            probe=str(data["probe"]),
+            metric=str(data["metric"]),
+            layers=[int(v) for v in data["layers"]],
+            scores=[float(v) for v in data["scores"]],
+            details=dict(data.get("details", {})),
+            meta=dict(data.get("meta", {})),
+        )
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_results(results: Sequence[Result], path: str | Path) -> Path:
+    """Write results atomically as one JSON file."""
+    payload = {"format": RESULTS_FORMAT, "results": [r.to_dict() for r in results]}
+    return atomic_write_text(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
+
+
+def load_results(path: str | Path) -> list[Result]:
+    """Read a results file written by :func:`save_results`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != RESULTS_FORMAT:
+        raise ValueError(
+            f"{path}: not a layerprobe results file (expected format {RESULTS_FORMAT!r})"
+        )
+    return [Result.from_dict(d, source=str(path)) for d in payload.get("results", [])]

@@ -1,0 +1,1 @@
+"""HuBERT pretraining with iterative k-means targets under several schedules."""
