@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from layerprobe.config import CCA_METRICS, AnalysisConfig
 from layerprobe.corpus import Corpus, load_audio, load_corpus
 from layerprobe.extract import iter_hidden_states
 from layerprobe.mi import mi_score
-from layerprobe.models import LayerModel, load
+from layerprobe.models import LayerModel, load, resolve_device
 from layerprobe.probes import Probe, UtteranceTargets, build_probes, pool_spans
 from layerprobe.results import Result
 from layerprobe.stats import Moments
@@ -41,15 +41,6 @@ class _ProbeState:
     mi_labels: list[torch.Tensor] | None = None
     mi_splits: list[torch.Tensor] | None = None
     n_items: int = 0
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA request without CUDA is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def model_label(spec: str | Path | LayerModel) -> str:
@@ -97,10 +88,12 @@ def score_model(
 
     pending: dict[int, dict[str, UtteranceTargets]] = {}
     audio_seconds = 0.0
+    timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "cca": 0.0, "mi": 0.0}
 
     def waveforms() -> Iterator[tuple[int, torch.Tensor]]:
         nonlocal audio_seconds
         for index, utt in enumerate(corpus.utterances):
+            tic = time.perf_counter()
             wave = load_audio(utt.audio_path)
             n_frames = model.num_frames(int(wave.shape[-1]))
             targets = {
@@ -108,6 +101,7 @@ def score_model(
                 for name, probe in probes.items()
             }
             targets = {name: t for name, t in targets.items() if t.spans.shape[0] > 0}
+            timings["read"] += time.perf_counter() - tic
             if not targets:
                 continue  # no probe samples this utterance: skip its forward pass
             pending[index] = targets
@@ -125,12 +119,18 @@ def score_model(
     bar = tqdm(stream, total=len(corpus.utterances), desc=f"scoring {label or model_spec}",
                unit="utt", disable=not progress)
     n_utterances = 0
+    loop_start = time.perf_counter()
     for index, hidden in bar:
         n_utterances += 1
+        tic = time.perf_counter()
         for name, targets in pending.pop(index).items():
-            _accumulate(states[name], hidden, targets, model, n_splits, want_mi,
+            _accumulate(states[name], hidden, targets, n_splits, want_mi,
                         utterance=corpus.utterances[index].id)
+        _synchronize(device)
+        timings["statistics"] += time.perf_counter() - tic
     bar.close()
+    loop = time.perf_counter() - loop_start
+    timings["forward"] = max(loop - timings["read"] - timings["statistics"], 0.0)
 
     layers = list(range(model.n_layers + 1))
     meta = {
@@ -157,10 +157,12 @@ def score_model(
             )
         for metric in cca_metrics:
             assert state.moments is not None
+            tic = time.perf_counter()
             cca = cca_score_moments(
                 state.moments, n_trials=config.n_trials, seed=config.seed, metric=metric,
                 device=device,
             )
+            timings["cca"] += time.perf_counter() - tic
             results.append(Result(
                 model=model_spec, label=label, corpus=corpus.name, probe=name, metric=metric,
                 layers=layers, scores=[float(s) for s in cca.scores],
@@ -168,16 +170,23 @@ def score_model(
                 meta={**meta, "seconds": round(time.time() - started, 3)},
             ))
         if want_mi and state.mi_features is not None:
+            tic = time.perf_counter()
             results.append(_mi_result(state, config, n_splits, layers, model_spec, label,
                                       corpus.name, meta, started))
-    return results
+            timings["mi"] += time.perf_counter() - tic
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    return [replace(r, meta={**r.meta, "timings": timings}) for r in results]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _accumulate(
     state: _ProbeState,
     hidden: torch.Tensor,
     targets: UtteranceTargets,
-    model: LayerModel,
     n_splits: int,
     want_mi: bool,
     *,

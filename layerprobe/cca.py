@@ -1,0 +1,674 @@
+"""Batched layerwise CCA engine: PWCCA (reference-compatible), mean CCA, SVCCA and linear CKA.
+
+Everything is computed from :class:`layerprobe.stats.Moments` (counts, sums, second moments per
+split), batched over layers with ``torch.linalg`` in float64 on CPU or CUDA.
+
+The fit follows the reference CCA class (google/svcca ``cca_core`` as modified in
+ankitapasad/layerwise-analysis), step by step:
+
+1. covariance of the fit set (``np.cov``: centred, divided by n - 1);
+2. scale: Sxx = Cxx / max|Cxx|, Syy = Cyy / max|Cyy|, Sxy = Cxy / sqrt(max|Cxx| max|Cyy|);
+3. prune dimensions whose scaled variance |diag| is < eps (eps_x for X, eps_y for Y);
+4. ridge eps*I, pseudo-inverse (rcond 1e-15), inverse square root;
+5. SVD of the whitened cross-covariance; ``proj_x = u^T Sxx^-1/2``, ``proj_y = vh Syy^-1/2``,
+   k = min(kept dims of X, kept dims of Y).
+
+Implementation notes (same numbers, cheaper): any whitening W with W^T (S + eps I) W = I gives the
+same canonical directions as the symmetric inverse square root (up to signs, fixed below). For
+eps far above pinv's cut-off (every grid value: eps > 10 * 1e-15 * kx) pinv is the inverse and the
+X view is whitened with a Cholesky factor (a few times cheaper than eigh); otherwise (eps = 0,
+Cholesky failure) one ``eigh`` per pruned covariance serves every eps (eps*I shifts the
+eigenvalues), with pinv's cut-off, and a kept negative eigenvalue (NaN in the reference) fails
+the pair. The thin SVD goes through a QR of the whitened cross-covariance.
+
+Scoring a fit on a set (its own centred data, its own means): per direction
+``rho_i = <p1_i, p2_i> / (|p1_i| |p2_i|)``; PWCCA weights on the view with fewer kept dimensions
+(X if kx < ky else Y): ``D`` = variates plus the first k means of that view (the reference's
+quirk), ``A`` = its first k (= all kept) raw dimensions, ``w_i = sum_j |<q_i, a_j>|`` with Q from
+the QR of D^T. From moments: ``Q^T A^T = L^-1 (D A^T)`` with ``L L^T = D D^T`` (k x k Cholesky).
+
+Deliberate, documented departures from the reference (see method.md):
+
+* Sign convention: each canonical pair is flipped so that the largest-|.| entry of its X-view
+  direction (a row of ``proj_x``, in kept-dimension coordinates) is positive. The reference's
+  signs come from LAPACK and change its PWCCA (the means quirk makes weights sign-dependent).
+* Dead directions: a canonical variate ``p_i = P_i (x - mean)`` whose variance on the scored set
+  is at the rounding level of that set's covariance, ``P_i C P_i^T <= DEAD_TOL |P_i|^2 max|C|``
+  (C: the set's centred cross-products of the kept dimensions; 0/0, e.g. the sum of centred
+  one-hot columns), gets rho = 0 instead of rounding noise; the count is reported per trial
+  (``dead_directions``). The rule is scale-free, so it holds for moments and raw data alike.
+* An eps pair "fails" (is skipped, like the reference's ``LinAlgError``) when a view has no kept
+  dimension, an eigenvalue kept by the pseudo-inverse is negative (NaN in the reference), a
+  result is not finite, or the weights' Gram matrix is singular. A layer for which every trial
+  fails raises a ``ValueError`` instead of returning NaN.
+* Trials: the (dev, test) split pairs and the eps order are drawn once from ``seed`` and shared by
+  all layers (the reference draws them per layer); a layer for which every eps pair of a trial
+  fails moves on to the next (dev, test) pair, as the reference does.
+
+Metrics (``METRICS``): ``pwcca`` (the reference's weights, used for the published numbers);
+``pwcca-centred`` (weights from centred variates and centred dimensions, as the PWCCA paper
+describes it; dead directions get weight 0); ``mean-cca`` (mean of rho over the k directions);
+``svcca`` (each view reduced to the principal directions explaining 99% of its train-set
+variance, then mean CCA with the same eps protocol); ``cka`` (linear CKA
+``||Cxy||_F^2 / (||Cxx||_F ||Cyy||_F)`` on each trial's test split, no fit, mean over trials).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
+
+__all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
+           "cca_score_moments", "pwcca", "cca_similarity"]
+
+EPS_GRID: tuple[float, ...] = (1e-10, 1e-11, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
+METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
+N_PAIRS = 6  # eps pairs kept per trial (the first that work)
+RCOND = 1e-15  # numpy.linalg.pinv's default cut-off
+DEAD_TOL = 1e-11  # variate variance / (|direction|^2 max|C|) at or below which rho := 0
+SVCCA_VARIANCE = 0.99
+SIGN_CONVENTION = ("each canonical pair is flipped so that the largest-|.| entry of its X-view "
+                   "direction (row of proj_x over kept dimensions) is positive")
+
+
+@dataclass(frozen=True)
+class CCAResult:
+    """Per-layer scores of one metric and JSON-able details of the protocol."""
+
+    metric: str
+    scores: list[float]
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "scores": [float(s) for s in self.scores],
+                "details": self.details}
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Fitted projections of one eps pair for a group of layers sharing kept-dimension masks."""
+
+    layers: list[int]  # indices into the stats' layers
+    eps: tuple[float, float]
+    mask_x: torch.Tensor  # [dx] bool
+    mask_y: torch.Tensor  # [dy] bool
+    proj_x: torch.Tensor  # [g, k, kx]
+    proj_y: torch.Tensor  # [g, k, ky]
+    ok: torch.Tensor  # [g] bool
+    reason: list[str]  # per layer, "" when ok
+
+    def select(self, js: Sequence[int]) -> _Fit:
+        idx = torch.as_tensor(list(js), dtype=torch.long, device=self.proj_x.device)
+        return _Fit([self.layers[j] for j in js], self.eps, self.mask_x, self.mask_y,
+                    self.proj_x[idx], self.proj_y[idx], self.ok[idx],
+                    [self.reason[j] for j in js])
+
+
+def _inv_sqrt_diag(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal of pinv(W + eps)^(1/2) from eigenvalues w [..., k]; and a per-row failure flag."""
+    lam = w + eps
+    amax = lam.abs().amax(dim=-1, keepdim=True)
+    keep = lam.abs() > RCOND * amax
+    bad = (keep & (lam < 0)).any(dim=-1) | ~torch.isfinite(lam).all(dim=-1)
+    d = torch.where(keep & (lam > 0), lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(),
+                    torch.zeros_like(lam))
+    return d, bad
+
+
+class _Factors:
+    """Scaled covariances of a fit set and eigendecompositions shared by every eps."""
+
+    def __init__(self, train: CentredStats):
+        n = train.n
+        cxx, cxy, cyy = train.cxx / (n - 1), train.cxy / (n - 1), train.cyy / (n - 1)
+        xmax = cxx.abs().amax(dim=(-2, -1))
+        ymax = cyy.abs().max()
+        self.bad_scale = ~(torch.isfinite(xmax) & (xmax > 0))  # [L]
+        self.bad_y = not bool(torch.isfinite(ymax) & (ymax > 0))
+        sx = torch.where(self.bad_scale, torch.ones_like(xmax), xmax)
+        sy = ymax if not self.bad_y else torch.ones_like(ymax)
+        self.sxx = cxx / sx[:, None, None]
+        self.syy = cyy / sy
+        self.sxy = cxy / torch.sqrt(sx * sy)[:, None, None]
+        self.diag_x = torch.diagonal(self.sxx, dim1=-2, dim2=-1).abs()  # [L, dx]
+        self.diag_y = torch.diagonal(self.syy).abs()  # [dy]
+        self._eig_x: dict = {}
+        self._eig_y: dict = {}
+        self._vtsxy: dict = {}
+        self._bxy: dict = {}
+
+    def _eig_y_for(self, mask_y: torch.Tensor):
+        key = mask_y.cpu().numpy().tobytes()
+        if key not in self._eig_y:
+            sub = self.syy[mask_y][:, mask_y]
+            self._eig_y[key] = torch.linalg.eigh(sub)
+        return key, self._eig_y[key]
+
+    def _sub_x(self, layers: list[int], mask_x: torch.Tensor):
+        idx = torch.as_tensor(layers, device=self.sxx.device)
+        sub = self.sxx.index_select(0, idx)
+        return sub if bool(mask_x.all()) else sub[:, mask_x][:, :, mask_x]
+
+    def _sxy_sub(self, layers, mask_x, mask_y):
+        sxy = self.sxy.index_select(0, torch.as_tensor(layers, device=self.sxy.device))
+        if not bool(mask_x.all()):
+            sxy = sxy[:, mask_x]
+        return sxy if bool(mask_y.all()) else sxy[:, :, mask_y]
+
+    def _white_x(self, layers: list[int], mask_x: torch.Tensor, eps_x: float, mask_y):
+        """X-view whitening for one eps: ``("chol", L)`` with ``L L^T = Sxx + eps I`` when eps is
+        far above pinv's cut-off (then pinv = inverse) and Cholesky succeeds, else
+        ``("eig", V, d)`` from one cached eigh. Also ``K = W^T Sxy`` and a failure flag [g]."""
+        kx = int(mask_x.sum())
+        xkey = (mask_x.cpu().numpy().tobytes(), tuple(layers))
+        ykey = mask_y.cpu().numpy().tobytes()
+        key = (xkey, eps_x, ykey)
+        if key in self._bxy:
+            return self._bxy[key]
+        sub = None
+        if eps_x > 10 * RCOND * kx:
+            sub = self._sub_x(layers, mask_x)
+            sub.diagonal(dim1=-2, dim2=-1).add_(eps_x)
+            chol, info = torch.linalg.cholesky_ex(sub)
+            if bool((info == 0).all()):
+                k = torch.linalg.solve_triangular(chol, self._sxy_sub(layers, mask_x, mask_y),
+                                                  upper=False)
+                bad = ~torch.isfinite(k).flatten(1).all(dim=1)
+                self._bxy[key] = (("chol", chol), k, bad)
+                return self._bxy[key]
+        if xkey not in self._eig_x:
+            self._eig_x[xkey] = torch.linalg.eigh(self._sub_x(layers, mask_x))
+            self._vtsxy[(xkey, ykey)] = self._eig_x[xkey][1].mT @ \
+                self._sxy_sub(layers, mask_x, mask_y)
+        if (xkey, ykey) not in self._vtsxy:
+            self._vtsxy[(xkey, ykey)] = self._eig_x[xkey][1].mT @ \
+                self._sxy_sub(layers, mask_x, mask_y)
+        w, v = self._eig_x[xkey]
+        d, bad = _inv_sqrt_diag(w, eps_x)
+        k = d[:, :, None] * self._vtsxy[(xkey, ykey)]
+        self._bxy[key] = (("eig", v, d), k, bad)
+        return self._bxy[key]
+
+    def fit(self, eps_x: float, eps_y: float, layers: Sequence[int]) -> list[_Fit]:
+        """Projections for one eps pair, grouped by identical kept-dimension masks."""
+        mask_y = self.diag_y >= eps_y
+        layers = list(layers)
+        masks = self.diag_x[torch.as_tensor(layers, device=self.diag_x.device)] >= eps_x
+        uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
+        fits = []
+        for u in range(uniq.shape[0]):
+            group = [layers[j] for j in torch.nonzero(inverse == u).flatten().tolist()]
+            fits.append(self._fit_group(eps_x, eps_y, group, uniq[u], mask_y))
+        return fits
+
+    def _fit_group(self, eps_x, eps_y, layers, mask_x, mask_y) -> _Fit:
+        g, kx, ky = len(layers), int(mask_x.sum()), int(mask_y.sum())
+        dev = self.sxx.device
+        idx = torch.as_tensor(layers, device=dev)
+        if kx == 0 or ky == 0 or self.bad_y:
+            why = "no kept dimension" if (kx == 0 or ky == 0) else "constant targets"
+            empty = torch.zeros(g, 0, 0, dtype=self.sxx.dtype, device=dev)
+            return _Fit(layers, (eps_x, eps_y), mask_x, mask_y, empty, empty,
+                        torch.zeros(g, dtype=torch.bool, device=dev), [why] * g)
+        white, kmat, bad_x = self._white_x(layers, mask_x, eps_x, mask_y)
+        _, (wy, vy) = self._eig_y_for(mask_y)
+        dyi, bad_y = _inv_sqrt_diag(wy, eps_y)
+        m = kmat @ (vy * dyi[None, :])  # whitened cross-covariance W_x^T Sxy W_y [g, kx, ky]
+        bad = bad_x | bool(bad_y) | self.bad_scale.index_select(0, idx) \
+            | ~torch.isfinite(m).flatten(1).all(dim=1)
+        m = torch.where(bad[:, None, None], torch.zeros_like(m), m)
+        # thin SVD through a QR of the tall side (torch's batched CPU SVD is slow for tall m)
+        if kx >= ky:
+            q, r = torch.linalg.qr(m)
+            ur, _, vh = torch.linalg.svd(r)
+            u = q @ ur  # [g, kx, k]
+        else:
+            q, r = torch.linalg.qr(m.mT)
+            u, _, vhr = torch.linalg.svd(r.mT)
+            vh = vhr @ q.mT  # [g, k, ky]
+        if white[0] == "chol":
+            proj_x = torch.linalg.solve_triangular(white[1].mT, u, upper=True).mT  # U^T L^-1
+        else:
+            _, v, d = white
+            proj_x = (u.mT * d[:, None, :]) @ v.mT  # U^T diag(d) V^T
+        proj_y = (vh * dyi[None, None, :]) @ vy.T  # [g, k, ky]
+        # deterministic sign: largest-|.| entry of each X-view direction positive
+        top = proj_x.abs().argmax(dim=-1, keepdim=True)
+        sign = torch.sign(torch.gather(proj_x, -1, top))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        proj_x, proj_y = proj_x * sign, proj_y * sign
+        bad = bad | ~(torch.isfinite(proj_x).flatten(1).all(1) & torch.isfinite(proj_y).flatten(1)
+                      .all(1))
+        reason = []
+        for j in range(g):
+            if bool(self.bad_scale[layers[j]]):
+                reason.append("constant or non-finite layer")
+            elif bool(bad[j]):
+                reason.append("negative or non-finite eigenvalue in the pseudo-inverse")
+            else:
+                reason.append("")
+        return _Fit(layers, (eps_x, eps_y), mask_x, mask_y, proj_x, proj_y, ~bad, reason)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class _Scored:
+    score: torch.Tensor  # [g]
+    dead: torch.Tensor  # [g] int
+    ok: torch.Tensor  # [g] bool
+    rho: torch.Tensor  # [g, k]
+
+
+def _orthonormal_products_skipping_dependent(ddt: torch.Tensor, dat: torch.Tensor,
+                                             tol: float = 1e-10) -> torch.Tensor:
+    """``Q^T A^T`` for Gram-Schmidt on the variates, from their Gram ``ddt`` [k, k] and their
+    products with the raw dimensions ``dat`` [k, m]; a variate whose residual norm² is below
+    ``tol`` × its norm² (dependent on the earlier ones) gets a zero row instead of failing.
+    Equal to the Cholesky route when the variates are independent."""
+    k = ddt.shape[0]
+    lower = torch.zeros_like(ddt)
+    z = torch.zeros_like(dat)
+    for i in range(k):
+        for j in range(i):
+            if lower[j, j] > 0:
+                lower[i, j] = (ddt[i, j] - lower[i, :j] @ lower[j, :j]) / lower[j, j]
+        residual = ddt[i, i] - lower[i, :i] @ lower[i, :i]
+        if residual > tol * ddt[i, i] and residual > 0:
+            lower[i, i] = torch.sqrt(residual)
+            z[i] = (dat[i] - lower[i, :i] @ z[:i]) / lower[i, i]
+    return z
+
+
+def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
+    """Score fitted projections on a set with its own means (batched over the fit's layers)."""
+    dev = fit.proj_x.device
+    g = len(fit.layers)
+    if fit.proj_x.shape[-1] == 0:
+        z = torch.zeros(g, dtype=fit.proj_x.dtype, device=dev)
+        return _Scored(z, torch.zeros(g, dtype=torch.long, device=dev), fit.ok.clone(), z[:, None])
+    idx = torch.as_tensor(fit.layers, device=dev)
+    mx, my = fit.mask_x, fit.mask_y
+    allx, ally = bool(mx.all()), bool(my.all())
+    cxx = data.cxx.index_select(0, idx)
+    cxy = data.cxy.index_select(0, idx)
+    cyy = data.cyy
+    if not allx:
+        cxx, cxy = cxx[:, mx][:, :, mx], cxy[:, mx]
+    if not ally:
+        cxy, cyy = cxy[:, :, my], cyy[my][:, my]
+    px, py = fit.proj_x, fit.proj_y
+    pcx = px @ cxx  # [g, k, kx]
+    pcy = py @ cyy  # [g, k, ky]
+    vx = (pcx * px).sum(-1)
+    vy = (pcy * py).sum(-1)
+    cov = ((px @ cxy) * py).sum(-1)
+    # dead: the variate's variance is at the rounding level of the set's covariance
+    # (Rayleigh quotient of the centred cross-products at the direction, relative to max |C|)
+    dead_x = vx <= DEAD_TOL * (px * px).sum(-1) * cxx.abs().amax((-2, -1))[:, None]
+    dead_y = vy <= DEAD_TOL * (py * py).sum(-1) * cyy.abs().max()
+    dead = dead_x | dead_y
+    denom = torch.sqrt(torch.where(dead, torch.ones_like(vx), vx * vy))
+    rho = torch.where(dead, torch.zeros_like(cov), cov / denom)
+    ok = fit.ok & torch.isfinite(rho).all(-1)
+    if metric in ("mean-cca", "svcca"):
+        score = rho.mean(-1)
+    else:
+        k = px.shape[1]
+        x_view = px.shape[2] < py.shape[2]
+        p, pc = (px, pcx) if x_view else (py, pcy)
+        if x_view:
+            mean = data.mean_x.index_select(0, idx)
+            mean = mean if allx else mean[:, mx]
+        else:
+            mean = (data.mean_y if ally else data.mean_y[my]).expand(g, -1)
+        dead_w = dead_x if x_view else dead_y
+        ddt = pc @ p.mT  # centred variates' Gram, [g, k, k]
+        dat = pc  # centred variates x raw dims = P C (columns: the k kept dims)
+        if metric == "pwcca":
+            outer = data.n * mean[:, :, None] * mean[:, None, :]
+            ddt, dat = ddt + outer, dat + outer
+        else:  # pwcca-centred: dead directions get no weight
+            keep = (~dead_w).to(ddt.dtype)
+            ddt = ddt * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1 - keep)
+            dat = dat * keep[:, :, None]
+        ddt = 0.5 * (ddt + ddt.mT)
+        chol, info = torch.linalg.cholesky_ex(ddt)
+        chol = torch.where((info == 0)[:, None, None], chol,
+                           torch.eye(k, dtype=chol.dtype, device=dev).expand(g, k, k))
+        z = torch.linalg.solve_triangular(chol, dat, upper=False)
+        for j in torch.nonzero(info != 0).flatten().tolist():
+            # rank-deficient variates (e.g. a class absent from this split): Gram-Schmidt that
+            # gives linearly dependent variates no basis vector (weight 0)
+            z[j] = _orthonormal_products_skipping_dependent(ddt[j], dat[j])
+        w = z.abs().sum(-1)
+        wsum = w.sum(-1, keepdim=True)
+        ok = ok & (wsum.squeeze(-1) > 0) & torch.isfinite(w).all(-1)
+        score = (w / torch.where(wsum > 0, wsum, torch.ones_like(wsum)) * rho).sum(-1)
+    ok = ok & torch.isfinite(score)
+    return _Scored(score, dead.sum(-1), ok, rho)
+
+
+# ---------------------------------------------------------------------------- direct API
+
+
+def _as_layered(x, *, name: str) -> tuple[torch.Tensor, bool]:
+    t = as_tensor(x, name=name)
+    if t.ndim == 2:
+        return t.unsqueeze(0), False
+    if t.ndim == 3:
+        return t, True
+    raise ValueError(f"{name}: expected [n, dx] or [L, n, dx], got shape {tuple(t.shape)}")
+
+
+def cca_similarity(x, y, *, eps=(0.0, 0.0), fit=None, metric: str = "pwcca",
+                   device=None) -> float | np.ndarray:
+    """One CCA fit (on ``fit=(x_fit, y_fit)``, default ``(x, y)``) scored on ``(x, y)``.
+
+    ``metric`` is one of ``pwcca``, ``pwcca-centred``, ``mean-cca``. Raises ``ValueError``
+    (naming the layer) where the reference would fail or give NaN.
+    """
+    if metric not in ("pwcca", "pwcca-centred", "mean-cca"):
+        raise ValueError(f"cca_similarity: metric must be pwcca, pwcca-centred or mean-cca, "
+                         f"got {metric!r}")
+    ex, ey = (float(e) for e in eps)
+    xs, layered = _as_layered(x, name="x")
+    ys = as_tensor(y, name="y")
+    if fit is None:
+        xf, yf = xs, ys
+    else:
+        xf, _ = _as_layered(fit[0], name="fit[0]")
+        yf = as_tensor(fit[1], name="fit[1]")
+    L, n, dx = xs.shape
+    if ys.ndim != 2 or ys.shape[0] != n:
+        raise ValueError(f"y: expected [{n}, dy], got {tuple(ys.shape)}")
+    if xf.shape[0] != L or xf.shape[2] != dx or yf.ndim != 2 or yf.shape[1] != ys.shape[1] \
+            or yf.shape[0] != xf.shape[1]:
+        raise ValueError(f"fit: shapes {tuple(xf.shape)}, {tuple(yf.shape)} do not match "
+                         f"x {tuple(xs.shape)}, y {tuple(ys.shape)}")
+    dy = ys.shape[1]
+    nf = xf.shape[1]
+    if nf <= max(dx, dy):
+        raise ValueError(f"cca: the fit set has {nf} items but {dx} + {dy} dimensions; "
+                         f"need more items than dimensions in each view")
+    mom = Moments.empty(L, dx, dy, 1 if fit is None else 2, device=device)
+    if fit is None:
+        mom.update(xs.to(torch.float64), ys.to(torch.float64), 0)
+    else:
+        mom.update(xf.to(torch.float64), yf.to(torch.float64), 0)
+        mom.update(xs.to(torch.float64), ys.to(torch.float64), 1)
+    train = mom.centred([0])
+    data = train if fit is None else mom.centred([1])
+    out = np.empty(L)
+    with _cpu_threads(1 if mom.device.type == "cpu" else None):
+        fits = _Factors(train).fit(ex, ey, range(L))
+    for f in fits:
+        sc = _score(f, data, metric)
+        for j, layer in enumerate(f.layers):
+            if not bool(sc.ok[j]):
+                why = f.reason[j] or "singular weights or non-finite score"
+                raise ValueError(f"cca: layer {layer}: eps {(ex, ey)} failed ({why})")
+            out[layer] = float(sc.score[j])
+    return out if layered else float(out[0])
+
+
+def pwcca(x, y, *, eps=(0.0, 0.0), fit=None) -> float | np.ndarray:
+    """Reference PWCCA of ``(x, y)`` with projections learned on ``fit`` (default: ``(x, y)``).
+
+    x ``[n, dx]`` (returns a float) or ``[L, n, dx]`` (one score per layer); y ``[n, dy]``.
+    """
+    return cca_similarity(x, y, eps=eps, fit=fit, metric="pwcca")
+
+
+# ---------------------------------------------------------------------------- protocol
+
+
+def assign_splits(n: int, *, labels=None, n_splits: int = 10, seed: int = 0) -> np.ndarray:
+    """Split ids ``[n]`` in ``[0, n_splits)``, seeded.
+
+    Each label's items (or all items, without labels) are shuffled and dealt into consecutive
+    folds from a random starting fold, so every label is spread over the folds as evenly as
+    possible (per-fold counts of a label differ by at most one).
+    """
+    if n_splits < 2:
+        raise ValueError(f"assign_splits: n_splits must be >= 2, got {n_splits}")
+    lab = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"assign_splits: labels must have shape ({n},), got {lab.shape}")
+    rng = np.random.default_rng(seed)
+    split = np.empty(n, dtype=np.int64)
+    for label in np.unique(lab):
+        idx = np.flatnonzero(lab == label)
+        idx = idx[rng.permutation(len(idx))]
+        first = int(rng.integers(n_splits))
+        split[idx] = (first + np.arange(len(idx)) * n_splits // max(len(idx), n_splits)) % n_splits
+    return split
+
+
+def _candidates(n_splits: int, eps_grid: Sequence[float], seed: int):
+    """(dev, test, eps pairs in trial order) for up to n_splits // 2 disjoint trials."""
+    rng = np.random.default_rng(seed)
+    remaining = list(range(n_splits))
+    grid = [float(e) for e in eps_grid]
+    first = [(a, b) for a in grid[:3] for b in grid[:3]]
+    rest = [(a, b) for a in grid[3:] for b in grid[3:]]
+    out = []
+    for _ in range(n_splits // 2):
+        i, j = rng.choice(len(remaining), size=2, replace=False)
+        dev, test = remaining[i], remaining[j]
+        remaining = [s for s in remaining if s not in (dev, test)]
+        pairs = [first[k] for k in rng.permutation(len(first))] + \
+            [rest[k] for k in rng.permutation(len(rest))]
+        out.append((dev, test, pairs))
+    return out
+
+
+def _stats_to(stats: CentredStats, device) -> CentredStats:
+    if device is None:
+        return stats
+    return CentredStats(stats.n, *(t.to(device=device, dtype=torch.float64) for t in
+                                   (stats.mean_x, stats.mean_y, stats.cxx, stats.cxy, stats.cyy)))
+
+
+def _run_trial(train: CentredStats, dev: CentredStats, test: CentredStats,
+               pairs, metric: str, n_pairs: int) -> list[dict]:
+    """Fit the eps pairs on train, choose on dev, score on test; one record per layer."""
+    L = train.n_layers
+    factors = _Factors(train)
+    n_ok = [0] * L
+    tried: list[list] = [[] for _ in range(L)]
+    failed: list[list] = [[] for _ in range(L)]
+    best: list = [None] * L
+    for ex, ey in pairs:
+        active = [layer for layer in range(L) if n_ok[layer] < n_pairs]
+        if not active:
+            break
+        for f in factors.fit(ex, ey, active):
+            sc = _score(f, dev, metric)
+            for j, layer in enumerate(f.layers):
+                if not bool(sc.ok[j]):
+                    failed[layer].append([ex, ey, f.reason[j] or "singular weights"])
+                    continue
+                s = float(sc.score[j])
+                n_ok[layer] += 1
+                tried[layer].append([ex, ey, s])
+                if best[layer] is None or s > best[layer][0]:
+                    best[layer] = (s, f, j)
+    records: list[dict] = [{} for _ in range(L)]
+    for layer in range(L):
+        if best[layer] is None:
+            records[layer] = {"ok": False, "reason": "every eps pair failed",
+                              "failed_pairs": failed[layer]}
+    by_fit: dict[int, tuple[_Fit, list[int]]] = {}
+    for layer in range(L):
+        if best[layer] is not None:
+            _, f, j = best[layer]
+            by_fit.setdefault(id(f), (f, []))[1].append(j)
+    for f, js in by_fit.values():
+        sub = f.select(js)
+        sc = _score(sub, test, metric)
+        for j, layer in enumerate(sub.layers):
+            rec = {"eps": list(sub.eps), "dev_score": best[layer][0], "dev_scores": tried[layer],
+                   "failed_pairs": failed[layer], "dead_directions": int(sc.dead[j]),
+                   "k": int(sub.proj_x.shape[1])}
+            if bool(sc.ok[j]):
+                rec.update(ok=True, test_score=float(sc.score[j]))
+            else:
+                rec.update(ok=False, reason="scoring the test split failed")
+            records[layer] = rec
+    return records
+
+
+def _pca_basis(c: torch.Tensor, keep: float) -> torch.Tensor:
+    """Columns: principal directions explaining ``keep`` of the variance of covariance c."""
+    w, v = torch.linalg.eigh(c)
+    w, v = w.flip(-1).clamp_min(0), v.flip(-1)
+    total = w.sum()
+    if not bool(total > 0):
+        return v[:, :0]
+    r = int(torch.searchsorted(torch.cumsum(w, 0) / total,
+                               torch.tensor(keep, dtype=w.dtype, device=w.device))) + 1
+    return v[:, : min(r, v.shape[1])]
+
+
+def _reduce(stats: CentredStats, tx: torch.Tensor, ty: torch.Tensor) -> CentredStats:
+    """Statistics of the reduced views x' = tx^T x, y' = ty^T y (one layer)."""
+    return CentredStats(stats.n, stats.mean_x @ tx, stats.mean_y @ ty, tx.T @ stats.cxx @ tx,
+                        tx.T @ stats.cxy @ ty, ty.T @ stats.cyy @ ty)
+
+
+def _svcca_trial(train, dev, test, pairs, n_pairs) -> list[dict]:
+    ty = _pca_basis(train.cyy, SVCCA_VARIANCE)
+    records = []
+    for layer in range(train.n_layers):
+        one = [s.layer([layer]) for s in (train, dev, test)]
+        tx = _pca_basis(one[0].cxx[0], SVCCA_VARIANCE)
+        if tx.shape[1] == 0 or ty.shape[1] == 0:
+            records.append({"ok": False, "reason": "a view has no variance"})
+            continue
+        red = [_reduce(s, tx, ty) for s in one]
+        rec = _run_trial(*red, pairs, "svcca", n_pairs)[0]
+        rec["svcca_dims"] = [int(tx.shape[1]), int(ty.shape[1])]
+        records.append(rec)
+    return records
+
+
+def _cka_trial(test: CentredStats) -> list[dict]:
+    num = (test.cxy ** 2).sum((-2, -1))
+    den = torch.linalg.matrix_norm(test.cxx) * torch.linalg.matrix_norm(test.cyy)
+    out = []
+    for layer in range(test.n_layers):
+        d, v = float(den[layer]), float(num[layer])
+        if d > 0 and np.isfinite(v) and np.isfinite(d):
+            out.append({"ok": True, "test_score": v / d})
+        else:
+            out.append({"ok": False, "reason": "constant view (zero norm)"})
+    return out
+
+
+def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID, seed: int = 0,
+                      metric: str = "pwcca", device=None, n_pairs: int = N_PAIRS) -> CCAResult:
+    """The held-out protocol on accumulated moments, all layers at once.
+
+    Trials take disjoint (dev, test) split pairs (drawn from ``seed``) and fit on the other
+    splits; the first ``n_pairs`` eps pairs that work (first-three-values block first, each block
+    shuffled) are fitted, the best on dev is scored on test; score = mean test score over trials.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"cca_score_moments: metric must be one of {METRICS}, got {metric!r}")
+    on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
+    with _cpu_threads(1 if on_cpu else None):
+        return _protocol(moments, n_trials, eps_grid, seed, metric, device, n_pairs)
+
+
+def _protocol(moments: Moments, n_trials, eps_grid, seed, metric, device, n_pairs) -> CCAResult:
+    S, L = moments.n_splits, moments.n_layers
+    if n_trials < 1 or 2 * n_trials > S:
+        raise ValueError(f"cca_score_moments: n_trials={n_trials} needs at least {2 * n_trials} "
+                         f"splits, the moments have {S}")
+    if len(eps_grid) == 0 and metric != "cka":
+        raise ValueError("cca_score_moments: eps_grid is empty")
+    counts = moments.counts
+    trials: list[list[dict]] = [[] for _ in range(L)]
+    skipped: list[list[dict]] = [[] for _ in range(L)]
+    for dev_s, test_s, pairs in _candidates(S, eps_grid, seed):
+        todo = [layer for layer in range(L) if len(trials[layer]) < n_trials]
+        if not todo:
+            break
+        train_s = [s for s in range(S) if s not in (dev_s, test_s)]
+        n_train = sum(counts[s] for s in train_s)
+        if metric != "cka" and n_train <= max(moments.dx, moments.dy):
+            raise ValueError(f"cca: trial (dev {dev_s}, test {test_s}): the train splits hold "
+                             f"{n_train} items for {moments.dx} + {moments.dy} dimensions; need "
+                             f"more items than dimensions in each view")
+        for s, name in ((dev_s, "dev"), (test_s, "test")):
+            if counts[s] < 2:
+                raise ValueError(f"cca: {name} split {s} holds {counts[s]} item(s); need >= 2")
+        test = _stats_to(moments.centred([test_s]), device).layer(todo)
+        if metric == "cka":
+            recs = _cka_trial(test)
+        else:
+            train = _stats_to(moments.centred(train_s), device).layer(todo)
+            dev = _stats_to(moments.centred([dev_s]), device).layer(todo)
+            if metric == "svcca":
+                recs = _svcca_trial(train, dev, test, pairs, n_pairs)
+            else:
+                recs = _run_trial(train, dev, test, pairs, metric, n_pairs)
+        for layer, rec in zip(todo, recs, strict=True):
+            rec = {"dev": dev_s, "test": test_s, **rec}
+            (trials if rec.pop("ok") else skipped)[layer].append(rec)
+    scores = []
+    for layer in range(L):
+        if len(trials[layer]) < n_trials:
+            why = "; ".join(f"dev {r['dev']} test {r['test']}: {r.get('reason')}"
+                            for r in skipped[layer])
+            raise ValueError(f"cca: layer {layer}: only {len(trials[layer])} of {n_trials} "
+                             f"trials succeeded ({why})")
+        scores.append(float(np.mean([r["test_score"] for r in trials[layer]])))
+    details = {
+        "protocol": {"n_splits": S, "n_trials": n_trials, "eps_grid": [float(e) for e in eps_grid],
+                     "n_pairs": n_pairs, "seed": seed, "sign_convention": SIGN_CONVENTION,
+                     "dead_tol": DEAD_TOL,
+                     "weights": {"pwcca": "reference (first-k means added to the variates)",
+                                 "pwcca-centred": "centred variates and dimensions"}.get(metric),
+                     "svcca_variance": SVCCA_VARIANCE if metric == "svcca" else None},
+        "n_per_split": counts,
+        "trials": trials,
+        "skipped_trials": skipped,
+        "test_scores": [[r["test_score"] for r in t] for t in trials],
+        "chosen_eps": [[r.get("eps") for r in t] for t in trials],
+        "dead_directions": [[r.get("dead_directions", 0) for r in t] for t in trials],
+    }
+    return CCAResult(metric=metric, scores=scores, details=details)
+
+
+def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_grid=EPS_GRID,
+              seed: int = 0, device=None, metric: str = "pwcca", split=None,
+              chunk_rows: int = 8192) -> CCAResult:
+    """Held-out protocol on arrays: x ``[L, n, dx]`` or ``[n, dx]``, y ``[n, dy]``; splits given
+    as ``split`` ``[n]`` ids, or from :func:`assign_splits` (stratified by ``labels`` if given)."""
+    xs, _ = _as_layered(x, name="x")
+    ys = as_tensor(y, name="y")
+    L, n, dx = xs.shape
+    if ys.ndim != 2 or ys.shape[0] != n:
+        raise ValueError(f"cca_score: y must be [{n}, dy], got {tuple(ys.shape)}")
+    if split is None:
+        split = assign_splits(n, labels=labels, n_splits=n_splits, seed=seed)
+    split = torch.as_tensor(np.asarray(split), dtype=torch.int64)
+    if split.shape != (n,):
+        raise ValueError(f"cca_score: split must be [{n}], got {tuple(split.shape)}")
+    mom = Moments.empty(L, dx, ys.shape[1], n_splits, device=device)
+    for start in range(0, n, chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        mom.update(xs[:, sl], ys[sl], split[sl])
+    return cca_score_moments(mom, n_trials=n_trials, eps_grid=eps_grid, seed=seed, metric=metric,
+                             device=device)

@@ -1,0 +1,319 @@
+"""Streaming, mergeable sufficient statistics of ``[X_layer, Y]`` per split, for all layers.
+
+A :class:`Moments` accumulator holds, for every split ``s`` and layer ``l``, the item count, the
+sums of ``x`` and ``y`` and the raw (uncentred) second moments ``X^T X``, ``X^T Y`` and ``Y^T Y``
+(``Y^T Y`` once per split: the targets are shared by all layers). Every CCA fit and score in
+:mod:`layerprobe.cca` is computed from these numbers, so frames are seen once and memory does not
+depend on the number of items. Accumulators over disjoint data add up (:meth:`Moments.merge`).
+
+Memory: ``n_splits * n_layers * (dx^2 + dx*dy) * 8`` bytes in float64, e.g. 10 splits x 13 layers
+x 768-d vs 80-d = 0.68 GB, plus a buffer of ``buffer_rows`` items (float32 unless float64 is
+given; 4096 x 13 x 768 x 4 bytes = 0.16 GB) and its sorted copy while flushing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["CentredStats", "Moments", "as_tensor"]
+
+_STATE_FORMAT = "layerprobe-moments-v1"
+
+
+def as_tensor(a, *, name: str, device=None) -> torch.Tensor:
+    """Torch view of a numpy array / tensor / nested list (no copy when possible)."""
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    return t.to(device) if device is not None else t
+
+
+def _check_finite(t: torch.Tensor, *, name: str, layered: bool) -> None:
+    """Raise a ValueError naming the layers (or the argument) that hold NaN/inf."""
+    if not t.is_floating_point():
+        return
+    if layered:
+        bad = (~torch.isfinite(t)).flatten(1).any(dim=1)
+        if bool(bad.any()):
+            layers = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(f"{name}: non-finite values (NaN/inf) in layer(s) {layers}")
+    elif not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: non-finite values (NaN/inf)")
+
+
+@contextmanager
+def _cpu_threads(n: int | None):
+    """Temporarily limit torch's CPU thread pool (restored afterwards).
+
+    The fits are hundreds of small LAPACK calls (QR/SVD of 768 x 80, k x k Cholesky); with MKL's
+    OpenMP pool they become up to 100x slower when the CPU is oversubscribed (measured here:
+    SVD of 4 x 80 x 80 takes 1 s with 2 threads on a loaded 2-core machine, 6 ms with 1), and at
+    these sizes one thread loses little when it is not."""
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass(frozen=True)
+class CentredStats:
+    """Centred statistics of one set of items (a union of splits), all layers.
+
+    ``cxx = sum (x - mean_x)(x - mean_x)^T`` etc. (not divided by n); ``np.cov`` = ``c / (n - 1)``.
+    """
+
+    n: int
+    mean_x: torch.Tensor  # [L, dx]
+    mean_y: torch.Tensor  # [dy]
+    cxx: torch.Tensor  # [L, dx, dx]
+    cxy: torch.Tensor  # [L, dx, dy]
+    cyy: torch.Tensor  # [dy, dy]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cxx.shape[0])
+
+    def layer(self, index: Sequence[int] | torch.Tensor) -> CentredStats:
+        """The same statistics restricted to some layers."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.cxx.device)
+        return CentredStats(self.n, self.mean_x[idx], self.mean_y, self.cxx[idx],
+                            self.cxy[idx], self.cyy)
+
+
+class Moments:
+    """Per-split count, sums and second moments of ``[X_layer, Y]`` for all layers (mergeable).
+
+    Rows passed to :meth:`update` are buffered (``buffer_rows`` items, float32 unless given in
+    float64) and folded in, sorted by split, with one batched float64 matmul over layers per split
+    when the buffer is full; every reader flushes the buffer first.
+    """
+
+    def __init__(self, n_layers: int, dx: int, dy: int, n_splits: int, *,
+                 dtype: torch.dtype = torch.float64, device=None, buffer_rows: int = 4096):
+        for name, v in (("n_layers", n_layers), ("dx", dx), ("dy", dy), ("n_splits", n_splits),
+                        ("buffer_rows", buffer_rows)):
+            if int(v) < 1:
+                raise ValueError(f"Moments: {name} must be >= 1, got {v}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Moments: dtype must be floating point, got {dtype}")
+        self.n_layers, self.dx, self.dy, self.n_splits = int(n_layers), int(dx), int(dy), \
+            int(n_splits)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.buffer_rows = int(buffer_rows)
+        kw = {"dtype": dtype, "device": self.device}
+        S, L = self.n_splits, self.n_layers
+        self.count = torch.zeros(S, dtype=torch.int64, device=self.device)
+        self.sum_x = torch.zeros(S, L, dx, **kw)
+        self.sum_y = torch.zeros(S, dy, **kw)
+        self.xx = torch.zeros(S, L, dx, dx, **kw)
+        self.xy = torch.zeros(S, L, dx, dy, **kw)
+        self.yy = torch.zeros(S, dy, dy, **kw)
+        self._buf_x: torch.Tensor | None = None  # [S, L, buffer_rows, dx], allocated lazily
+        self._buf_y: torch.Tensor | None = None
+        self._buf_s: torch.Tensor | None = None
+        self._fill = 0
+        self._total: tuple | None = None  # cached sums over all splits
+        self._threads = torch.get_num_threads()  # for the Gram matmuls (set at creation)
+
+    @classmethod
+    def empty(cls, n_layers: int, dx: int, dy: int, n_splits: int, *,
+              dtype: torch.dtype = torch.float64, device=None,
+              buffer_rows: int = 4096) -> Moments:
+        """A zero accumulator."""
+        return cls(n_layers, dx, dy, n_splits, dtype=dtype, device=device,
+                   buffer_rows=buffer_rows)
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, x, y, split) -> None:
+        """Add items: x ``[L, n, dx]`` (or ``[n, dx]`` when L = 1), y ``[n, dy]``, split ``[n]``
+        ints in ``[0, n_splits)`` (or one int for all rows). Rows are copied (callers may reuse
+        their buffers)."""
+        x = as_tensor(x, name="x", device=self.device)
+        y = as_tensor(y, name="y", device=self.device)
+        if x.ndim == 2 and self.n_layers == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 3 or x.shape[0] != self.n_layers or x.shape[2] != self.dx:
+            raise ValueError(f"Moments.update: x must be [{self.n_layers}, n, {self.dx}], "
+                             f"got {tuple(x.shape)}")
+        n = int(x.shape[1])
+        if y.ndim != 2 or y.shape != (n, self.dy):
+            raise ValueError(f"Moments.update: y must be [{n}, {self.dy}], got {tuple(y.shape)}")
+        split_t = as_tensor(split, name="split", device=self.device)
+        if split_t.ndim == 0:
+            split_t = split_t.expand(n)
+        if split_t.shape != (n,) or split_t.is_floating_point() or split_t.is_complex():
+            raise ValueError(f"Moments.update: split must be [{n}] integers, "
+                             f"got {tuple(split_t.shape)} {split_t.dtype}")
+        split_t = split_t.to(torch.int64)
+        if n == 0:
+            return
+        if int(split_t.min()) < 0 or int(split_t.max()) >= self.n_splits:
+            raise ValueError(f"Moments.update: split ids must lie in [0, {self.n_splits}), got "
+                             f"[{int(split_t.min())}, {int(split_t.max())}]")
+        if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
+            _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
+        _check_finite(y, name="Moments.update: y", layered=False)
+        buf_dtype = self.dtype if x.dtype in (torch.float64, self.dtype) else torch.float32
+        if self._buf_x is not None and \
+                torch.promote_types(buf_dtype, self._buf_x.dtype) != self._buf_x.dtype:
+            self.flush()  # float64 rows after float32 ones: widen the buffer
+            self._buf_x = None
+        if self._buf_x is None:
+            R = self.buffer_rows
+            self._buf_x = torch.empty(self.n_layers, R, self.dx, dtype=buf_dtype,
+                                      device=self.device)
+            self._buf_y = torch.empty(R, self.dy, dtype=self.dtype, device=self.device)
+            self._buf_s = torch.empty(R, dtype=torch.int64, device=self.device)
+        with _cpu_threads(1 if self.device.type == "cpu" else None):
+            self._append(x, y, split_t, n)
+
+    def _append(self, x: torch.Tensor, y: torch.Tensor, split_t: torch.Tensor, n: int) -> None:
+        done = 0
+        while done < n:
+            take = min(n - done, self.buffer_rows - self._fill)
+            end = self._fill + take
+            self._buf_x[:, self._fill:end].copy_(x[:, done:done + take])
+            self._buf_y[self._fill:end].copy_(y[done:done + take])
+            self._buf_s[self._fill:end].copy_(split_t[done:done + take])
+            self._fill = end
+            done += take
+            if self._fill == self.buffer_rows:
+                self._flush()
+
+    def flush(self) -> None:
+        """Fold the buffered rows into the statistics: rows are sorted by split, then one batched
+        float64 matmul over layers per split present."""
+        with _cpu_threads(1 if self.device.type == "cpu" else None):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Gathers and sums run on one CPU thread (small ops: MKL/OpenMP's pool makes them very
+        slow on an oversubscribed CPU); the Gram matmuls use the caller's thread count."""
+        m = self._fill
+        if m == 0:
+            return
+        self._fill = 0
+        self._total = None
+        split = self._buf_s[:m]
+        order = torch.argsort(split, stable=True)
+        counts = torch.bincount(split, minlength=self.n_splits).tolist()
+        L, R = self.n_layers, self.buffer_rows
+        flat = (torch.arange(L, device=self.device)[:, None] * R + order[None, :]).reshape(-1)
+        xs_all = self._buf_x.reshape(L * R, self.dx).index_select(0, flat).view(L, m, self.dx)
+        ys_all = self._buf_y.index_select(0, order)
+        start = 0
+        for s, c in enumerate(counts):
+            if c == 0:
+                continue
+            xs = xs_all[:, start:start + c].to(self.dtype)  # [L, c, dx]
+            ys = ys_all[start:start + c]
+            start += c
+            with _cpu_threads(self._threads):
+                self.xx[s].baddbmm_(xs.mT, xs)
+                self.xy[s].add_(torch.matmul(xs.mT, ys))
+            self.yy[s].addmm_(ys.T, ys)
+            self.sum_x[s].add_(xs.sum(dim=1))
+            self.sum_y[s].add_(ys.sum(dim=0))
+            self.count[s] += c
+
+    # ------------------------------------------------------------------ combination
+    def _check_compatible(self, other: Moments) -> None:
+        mine = (self.n_layers, self.dx, self.dy, self.n_splits)
+        theirs = (other.n_layers, other.dx, other.dy, other.n_splits)
+        if mine != theirs:
+            raise ValueError(f"Moments.merge: shapes differ (n_layers, dx, dy, n_splits) "
+                             f"{mine} vs {theirs}")
+
+    def merge(self, other: Moments) -> Moments:
+        """A new accumulator equal to one pass over both data sets."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"Moments.merge: expected Moments, got {type(other).__name__}")
+        self._check_compatible(other)
+        self.flush()
+        other.flush()
+        out = Moments.empty(self.n_layers, self.dx, self.dy, self.n_splits, dtype=self.dtype,
+                            device=self.device, buffer_rows=self.buffer_rows)
+        for name in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
+            a, b = getattr(self, name), getattr(other, name)
+            getattr(out, name).copy_(a + b.to(device=a.device, dtype=a.dtype))
+        return out
+
+    __add__ = merge
+
+    @property
+    def counts(self) -> list[int]:
+        """Items per split."""
+        self.flush()
+        return [int(c) for c in self.count.tolist()]
+
+    def centred(self, splits: Sequence[int]) -> CentredStats:
+        """Centred statistics of the union of ``splits`` (computed from the sums)."""
+        self.flush()
+        idx = sorted({int(s) for s in splits})
+        if not idx or idx[0] < 0 or idx[-1] >= self.n_splits:
+            raise ValueError(f"Moments.centred: splits must be a non-empty subset of "
+                             f"[0, {self.n_splits}), got {list(splits)}")
+        n = int(self.count[idx].sum())
+        if n < 2:
+            raise ValueError(f"Moments.centred: splits {idx} hold {n} item(s); need at least 2")
+        sx, sy, gxx, gxy, gyy = self._sums(idx)
+        mx, my = sx / n, sy / n
+        cxx = gxx - torch.einsum("li,lj->lij", sx, mx)
+        cxy = gxy - torch.einsum("li,j->lij", sx, my)
+        cyy = gyy - torch.outer(sy, my)
+        cxx = 0.5 * (cxx + cxx.mT)
+        cyy = 0.5 * (cyy + cyy.T)
+        return CentredStats(n, mx, my, cxx, cxy, cyy)
+
+    def _sums(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        """Raw sums over splits idx (as total minus the rest when that is fewer additions)."""
+        names = ("sum_x", "sum_y", "xx", "xy", "yy")
+        rest = [s for s in range(self.n_splits) if s not in idx]
+        if len(rest) + 1 < len(idx):
+            if self._total is None:
+                self._total = tuple(getattr(self, k).sum(0) for k in names)
+            out = []
+            for k, tot in zip(names, self._total, strict=True):
+                t = tot.clone()
+                for s in rest:
+                    t -= getattr(self, k)[s]
+                out.append(t)
+            return tuple(out)
+        sel = torch.as_tensor(idx, device=self.device)
+        return tuple(getattr(self, k).index_select(0, sel).sum(0) for k in names)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Plain dict of CPU tensors and ints (``torch.save``-able)."""
+        self.flush()
+        return {"format": _STATE_FORMAT, "n_layers": self.n_layers, "dx": self.dx,
+                "dy": self.dy, "n_splits": self.n_splits, "buffer_rows": self.buffer_rows,
+                **{k: getattr(self, k).detach().cpu().clone()
+                   for k in ("count", "sum_x", "sum_y", "xx", "xy", "yy")}}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, *, device=None) -> Moments:
+        """Inverse of :meth:`state_dict`."""
+        if d.get("format") != _STATE_FORMAT:
+            raise ValueError(f"Moments.from_state_dict: format {d.get('format')!r} is not "
+                             f"{_STATE_FORMAT!r}")
+        out = cls.empty(d["n_layers"], d["dx"], d["dy"], d["n_splits"], dtype=d["xx"].dtype,
+                        device=device, buffer_rows=d.get("buffer_rows", 4096))
+        for k in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
+            if tuple(d[k].shape) != tuple(getattr(out, k).shape):
+                raise ValueError(f"Moments.from_state_dict: {k} has shape {tuple(d[k].shape)}, "
+                                 f"expected {tuple(getattr(out, k).shape)}")
+            getattr(out, k).copy_(d[k])
+        out._total = None
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Moments(n_layers={self.n_layers}, dx={self.dx}, dy={self.dy}, "
+                f"n_splits={self.n_splits}, counts={self.counts}, device={self.device})")

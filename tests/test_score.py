@@ -1,0 +1,140 @@
+"""The scoring pipeline and the command line, end to end on tiny models and the bundled corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerprobe.cca import cca_score
+from layerprobe.cli import main
+from layerprobe.config import AnalysisConfig
+from layerprobe.corpus import load_audio, load_corpus
+from layerprobe.extract import iter_hidden_states
+from layerprobe.models import load
+from layerprobe.probes import build_probes, pool_spans
+from layerprobe.results import load_results
+from layerprobe.score import score_model, score_models
+from tests.model_fixtures import save_hf_folder, save_native_from_hf, tiny_hf_model
+
+CONFIG = AnalysisConfig(
+    max_utterances=40, device="cpu", metrics=("pwcca", "mi"), n_trials=2,
+    phone_clusters=8, word_clusters=8, mi_max_iter=20, batch_seconds=20.0,
+)
+
+
+@pytest.fixture(scope="module")
+def model_specs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    model = tiny_hf_model("hubert", seed=0)
+    return {"hf": str(save_hf_folder(model, folder / "hf")),
+            "native": str(save_native_from_hf(model, folder / "native.pt"))}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(None, max_utterances=CONFIG.max_utterances, seed=CONFIG.seed)
+
+
+@pytest.fixture(scope="module")
+def native_results(model_specs, corpus):
+    return score_model(model_specs["native"], corpus, CONFIG, progress=False)
+
+
+def test_every_probe_metric_and_layer(native_results):
+    keys = {(r.probe, r.metric) for r in native_results}
+    assert keys == {(p, m) for p in ("fbank", "phone", "word") for m in ("pwcca", "mi")} - {
+        ("fbank", "mi")}
+    for r in native_results:
+        assert r.layers == [0, 1, 2]
+        assert all(np.isfinite(r.scores))
+        assert all(-1e-9 <= s <= 1 + 1e-9 for s in r.scores), (r.probe, r.metric, r.scores)
+        assert r.meta["n_layers"] == 2 and r.meta["model_source"] == "layerprobe"
+        assert set(r.meta["timings"]) >= {"read", "forward", "statistics", "cca"}
+
+
+def test_same_weights_same_scores_from_every_source(model_specs, corpus, native_results):
+    hf = score_model(model_specs["hf"], corpus, CONFIG, progress=False)
+    for a, b in zip(native_results, hf, strict=True):
+        assert (a.probe, a.metric) == (b.probe, b.metric)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_streamed_statistics_equal_scoring_the_stacked_items(model_specs, corpus):
+    """The pipeline (batched forward, streamed moments) equals CCA on explicitly stacked items."""
+    config = CONFIG.replace(probes=("phone",), metrics=("pwcca",))
+    streamed = score_model(model_specs["native"], corpus, config, progress=False)[0]
+    model = load(model_specs["native"])
+    probe = build_probes(corpus, ("phone",), config.probe_config)["phone"]
+    waves = {i: load_audio(u.audio_path) for i, u in enumerate(corpus.utterances)}
+    # the same batches as the pipeline: layers of a random tiny model are nearly collinear, so
+    # CCA with eps = 1e-10 amplifies even the 1e-6 differences that padding makes
+    hidden_states = dict(iter_hidden_states(model, waves.items(),
+                                            batch_seconds=config.batch_seconds))
+    xs, ys, splits = [], [], []
+    for index in sorted(hidden_states):
+        wave = waves[index]
+        targets = probe.targets(index, wave, model.num_frames(wave.shape[-1]), model.frame_rate)
+        xs.append(pool_spans(hidden_states[index], targets.spans))
+        ys.append(targets.y)
+        splits.append(targets.split)
+    x = torch.cat(xs, dim=1).double()
+    y = torch.cat(ys).double()
+    split = torch.cat(splits).numpy()
+    direct = cca_score(x, y, split=split, n_trials=config.n_trials, seed=config.seed)
+    assert streamed.details["n_items"] == x.shape[1]
+    # float64 sums in another order: ~1e-16 relative, amplified by the near-collinear layers
+    np.testing.assert_allclose(streamed.scores, direct.scores, rtol=2e-3)
+
+
+def test_compare_uses_the_same_items(model_specs, corpus):
+    config = CONFIG.replace(probes=("word",), metrics=("pwcca",))
+    results = score_models([model_specs["native"], model_specs["hf"]], corpus, config,
+                           labels=["ours", "hf"], progress=False)
+    assert [r.label for r in results] == ["ours", "hf"]
+    assert results[0].details["n_items"] == results[1].details["n_items"]
+
+
+def test_cli_score_plot_and_compare(model_specs, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["score", model_specs["native"], "--probe", "word", "--probe", "fbank",
+                 "--max-utterances", "40", "--device", "cpu", "--out", str(out),
+                 "--no-progress", "--label", "tiny"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny:word/pwcca" in printed and "best layer" in printed
+    results = load_results(out)
+    assert {r.probe for r in results} == {"word", "fbank"}
+    figure = tmp_path / "fig.png"
+    assert main(["plot", str(out), "-o", str(figure)]) == 0
+    assert figure.stat().st_size > 1000
+    compared = tmp_path / "cmp.png"
+    assert main(["compare", model_specs["native"], model_specs["hf"], "--labels", "ours,hf",
+                 "--probe", "phone", "--max-utterances", "40", "--device", "cpu",
+                 "--no-progress", "-o", str(compared)]) == 0
+    assert compared.exists()
+    assert {r.label for r in load_results(compared.with_suffix(".json"))} == {"ours", "hf"}
+
+
+def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys, model_specs):
+    out = tmp_path / "r.json"
+    missing = tmp_path / "nope.pt"
+    assert main(["score", str(missing), "--out", str(out), "--no-progress"]) == 1
+    assert "nope.pt" in capsys.readouterr().err
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(["score", str(broken), "--out", str(out), "--no-progress"]) == 1
+    assert "broken.pt" in capsys.readouterr().err
+    assert main(["score", model_specs["native"], "--data", str(tmp_path / "nodata"),
+                 "--out", str(out), "--no-progress"]) == 1
+    assert "nodata" in capsys.readouterr().err
+    assert not out.exists()
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps({"format": "x"}))
+    assert main(["plot", str(bad_json), "-o", str(tmp_path / "f.png")]) == 1
+    assert "bad.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["score"])
+    assert info.value.code == 2

@@ -1,0 +1,106 @@
+"""Moment accumulators: against numpy sums, streaming = one pass, merge, persistence, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerprobe.stats import Moments
+
+
+def _data(L=3, n=500, dx=6, dy=4, seed=0, S=5):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((L, n, dx)) * 2 + 3
+    y = rng.standard_normal((n, dy)) - 1
+    return x, y, rng.integers(0, S, n)
+
+
+def _assert_equal_moments(a: Moments, b: Moments, rtol=1e-12):
+    assert a.counts == b.counts
+    for k in ("sum_x", "sum_y", "xx", "xy", "yy"):
+        np.testing.assert_allclose(getattr(a, k).numpy(), getattr(b, k).numpy(), rtol=rtol,
+                                   atol=1e-9)
+
+
+def test_update_matches_numpy_per_split_and_centred():
+    x, y, split = _data()
+    m = Moments.empty(3, 6, 4, 5, buffer_rows=7)  # tiny buffer: many partial flushes
+    for s in range(0, 500, 33):
+        m.update(x[:, s:s + 33], y[s:s + 33], split[s:s + 33])
+    assert m.counts == np.bincount(split, minlength=5).tolist()
+    for s in range(5):
+        sel = split == s
+        np.testing.assert_allclose(m.xx[s].numpy(), np.einsum("lni,lnj->lij", x[:, sel],
+                                                                x[:, sel]), rtol=1e-12)
+        np.testing.assert_allclose(m.xy[s].numpy(), np.einsum("lni,nj->lij", x[:, sel],
+                                                                y[sel]), rtol=1e-12)
+        np.testing.assert_allclose(m.yy[s].numpy(), y[sel].T @ y[sel], rtol=1e-12)
+        np.testing.assert_allclose(m.sum_x[s].numpy(), x[:, sel].sum(1), rtol=1e-12)
+    for splits in ([1], [0, 2], [0, 1, 2, 4]):  # the last goes through total minus the rest
+        sel = np.isin(split, splits)
+        c = m.centred(splits)
+        assert c.n == sel.sum()
+        for layer in range(3):
+            cov = np.cov(x[layer, sel].T, y[sel].T) * (c.n - 1)
+            np.testing.assert_allclose(c.cxx[layer].numpy(), cov[:6, :6], rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(c.cxy[layer].numpy(), cov[:6, 6:], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(c.cyy.numpy(), cov[6:, 6:], rtol=1e-9, atol=1e-9)
+
+
+def test_float32_input_accumulates_in_float64():
+    x, y, split = _data()
+    x32, y32 = torch.from_numpy(x).float(), torch.from_numpy(y).float()
+    m = Moments.empty(3, 6, 4, 5)
+    m.update(x32, y32, torch.from_numpy(split))
+    ref = Moments.empty(3, 6, 4, 5)
+    ref.update(x32.double(), y32.double(), split)
+    _assert_equal_moments(m, ref)
+    assert m.xx.dtype == torch.float64
+    m.update(x, y, split)  # float64 rows after float32 ones widen the buffer
+    ref.update(x, y, split)
+    _assert_equal_moments(m, ref)
+
+
+def test_merge_equals_one_pass_and_state_dict_round_trip(tmp_path):
+    x, y, split = _data(seed=1)
+    whole = Moments.empty(3, 6, 4, 5)
+    whole.update(x, y, split)
+    a, b = Moments.empty(3, 6, 4, 5), Moments.empty(3, 6, 4, 5)
+    a.update(x[:, :200], y[:200], split[:200])
+    b.update(x[:, 200:], y[200:], split[200:])
+    _assert_equal_moments(a.merge(b), whole)
+    _assert_equal_moments(a + b, whole)
+    path = tmp_path / "m.pt"
+    torch.save((a + b).state_dict(), path)
+    back = Moments.from_state_dict(torch.load(path))
+    _assert_equal_moments(back, whole)
+    back.update(x[:, :10], y[:10], 2)  # keeps accumulating; one split id for all rows
+    assert back.counts[2] == whole.counts[2] + 10
+    with pytest.raises(ValueError, match="shapes differ"):
+        a.merge(Moments.empty(3, 6, 4, 4))
+    with pytest.raises(ValueError, match="format"):
+        Moments.from_state_dict({"format": "other"})
+
+
+def test_update_errors_name_the_problem():
+    x, y, split = _data()
+    m = Moments.empty(3, 6, 4, 5)
+    with pytest.raises(ValueError, match=r"x must be \[3, n, 6\]"):
+        m.update(x[:2], y, split)
+    with pytest.raises(ValueError, match="y must be"):
+        m.update(x, y[:-1], split)
+    with pytest.raises(ValueError, match=r"split ids must lie in \[0, 5\)"):
+        m.update(x, y, split + 1)
+    with pytest.raises(ValueError, match="integers"):
+        m.update(x, y, split.astype(float))
+    x[2, 17, 1] = np.inf
+    x[0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"layer\(s\) \[0, 2\]"):
+        m.update(x, y, split)
+    y[0, 0] = np.nan
+    with pytest.raises(ValueError, match="y: non-finite"):
+        m.update(x[:, :0], y[:0], split[:0]) or m.update(np.zeros((3, 500, 6)), y, split)
+    with pytest.raises(ValueError, match="at least 2"):
+        Moments.empty(1, 2, 2, 3).centred([0])
+    assert m.counts == [0] * 5  # failed updates add nothing
