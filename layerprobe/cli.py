@@ -7,9 +7,11 @@ Exit codes: 0 success; 1 bad input or a failed run (the message names the file a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PROBE_CHOICES = ("fbank", "phone", "word", "word-embedding", "all")
@@ -65,7 +67,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     label = args.label or model_label(args.model)
-    results = score_model(args.model, None, config, label=label, progress=not args.no_progress)
+    with _collect_failures() as failures:
+        results = score_model(args.model, None, config, label=label,
+                              progress=not args.no_progress, skip_failed=True)
+    if not results:
+        raise ValueError("nothing could be scored: " + "; ".join(failures))
     out = args.out or Path("results") / f"{_safe_name(label)}.json"
     save_results(results, out)
     print(summary_table(results))
@@ -74,7 +80,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         from layerprobe.plots import plot_layerwise
 
         print(f"wrote {plot_layerwise(results, args.plot, title=label)}")
-    return 0
+    return _report_failures(failures)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -99,14 +105,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     labels = args.labels.split(",") if args.labels else None
     config = _config_from_args(args)
-    results = score_models(args.models, None, config, labels=labels,
-                           progress=not args.no_progress)
+    with _collect_failures() as failures:
+        results = score_models(args.models, None, config, labels=labels,
+                               progress=not args.no_progress, skip_failed=True)
+    if not results:
+        raise ValueError("nothing could be scored: " + "; ".join(failures))
     out = args.out or Path(args.output).with_suffix(".json")
     save_results(results, out)
     print(summary_table(results))
     print(f"wrote {out}")
     print(f"wrote {plot_layerwise(results, args.output, title=args.title)}")
-    return 0
+    return _report_failures(failures)
+
+
+@contextlib.contextmanager
+def _collect_failures() -> Iterator[list[str]]:
+    """Collect the probes/metrics that score_model left out (ScoringWarning messages)."""
+    from layerprobe.score import ScoringWarning
+
+    failures: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ScoringWarning)
+        try:
+            yield failures
+        finally:
+            for w in caught:
+                if issubclass(w.category, ScoringWarning):
+                    failures.append(str(w.message))
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _report_failures(failures: list[str]) -> int:
+    """Print what could not be scored; exit code 1 if anything was left out."""
+    for message in failures:
+        print(f"layerprobe: not scored: {message}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from layerprobe.atomic import atomic_write  # noqa: E402
 from layerprobe.results import Result  # noqa: E402
 
 PROBE_ORDER = ("fbank", "phone", "word", "word-embedding")
@@ -100,8 +101,8 @@ def plot_layerwise(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06 if len(labels) > 1 else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda handle: fig.savefig(handle, format=out.suffix[1:], dpi=150))
+    finally:
+        plt.close(fig)
     return out

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from layerprobe.atomic import atomic_write_text
 
 RESULTS_FORMAT = "layerprobe-results-v1"
 
@@ -74,21 +74,6 @@ class Result:
             details=dict(data.get("details", {})),
             meta=dict(data.get("meta", {})),
         )
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_results(results: Sequence[Result], path: str | Path) -> Path:

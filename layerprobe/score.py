@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,10 @@ from layerprobe.results import Result
 from layerprobe.stats import Moments
 
 MI_HELD_OUT_SPLITS = 2  # MI: k-means fit on all but the last two splits, scored on those
+
+
+class ScoringWarning(UserWarning):
+    """A probe or metric was left out of the results (the message says which and why)."""
 
 
 @dataclass
@@ -60,8 +65,13 @@ def score_model(
     *,
     label: str | None = None,
     progress: bool = True,
+    skip_failed: bool = False,
 ) -> list[Result]:
-    """Score every layer of ``model`` on ``corpus`` for each probe and metric of ``config``."""
+    """Score every layer of ``model`` on ``corpus`` for each probe and metric of ``config``.
+
+    A probe/metric that cannot be scored (e.g. fewer items than dimensions) raises a ValueError,
+    or, with ``skip_failed``, is left out with a :class:`ScoringWarning` naming it and why.
+    """
     config = config or AnalysisConfig()
     started = time.time()
     device = resolve_device(config.device)
@@ -150,30 +160,32 @@ def score_model(
     label = label or model_label(model_spec)
     results: list[Result] = []
     for name, state in states.items():
-        if state.n_items == 0:
-            raise ValueError(
-                f"probe {name!r}: no items in corpus {corpus.name!r} "
-                "(check its alignments and tier names)"
-            )
-        for metric in cca_metrics:
-            assert state.moments is not None
+        for metric in (*cca_metrics, *(["mi"] if want_mi and state.probe.level == "segment"
+                                       else [])):
             tic = time.perf_counter()
-            cca = cca_score_moments(
-                state.moments, n_trials=config.n_trials, seed=config.seed, metric=metric,
-                device=device,
-            )
-            timings["cca"] += time.perf_counter() - tic
-            results.append(Result(
-                model=model_spec, label=label, corpus=corpus.name, probe=name, metric=metric,
-                layers=layers, scores=[float(s) for s in cca.scores],
-                details={**cca.details, "n_items": state.n_items},
-                meta={**meta, "seconds": round(time.time() - started, 3)},
-            ))
-        if want_mi and state.mi_features is not None:
-            tic = time.perf_counter()
-            results.append(_mi_result(state, config, n_splits, layers, model_spec, label,
-                                      corpus.name, meta, started))
-            timings["mi"] += time.perf_counter() - tic
+            try:
+                if state.n_items == 0:
+                    raise ValueError(f"no items in corpus {corpus.name!r} "
+                                     "(check its alignments and tier names)")
+                if metric == "mi":
+                    results.append(_mi_result(state, config, n_splits, layers, model_spec,
+                                              label, corpus.name, meta, started))
+                else:
+                    assert state.moments is not None
+                    cca = cca_score_moments(state.moments, n_trials=config.n_trials,
+                                            seed=config.seed, metric=metric, device=device)
+                    results.append(Result(
+                        model=model_spec, label=label, corpus=corpus.name, probe=name,
+                        metric=metric, layers=layers, scores=[float(s) for s in cca.scores],
+                        details={**cca.details, "n_items": state.n_items},
+                        meta={**meta, "seconds": round(time.time() - started, 3)},
+                    ))
+            except ValueError as err:
+                message = f"probe {name!r}, metric {metric!r}: {err}"
+                if not skip_failed:
+                    raise ValueError(message) from err
+                warnings.warn(message, ScoringWarning, stacklevel=2)
+            timings["mi" if metric == "mi" else "cca"] += time.perf_counter() - tic
     timings = {k: round(v, 3) for k, v in timings.items()}
     return [replace(r, meta={**r.meta, "timings": timings}) for r in results]
 
@@ -252,6 +264,7 @@ def score_models(
     *,
     labels: Sequence[str] | None = None,
     progress: bool = True,
+    skip_failed: bool = False,
 ) -> list[Result]:
     """Score several models on exactly the same items (one corpus and probe plan, same seed)."""
     config = config or AnalysisConfig()
@@ -264,7 +277,8 @@ def score_models(
     results: list[Result] = []
     for i, model in enumerate(models):
         label = labels[i] if labels is not None else None
-        results.extend(score_model(model, corpus, config, label=label, progress=progress))
+        results.extend(score_model(model, corpus, config, label=label, progress=progress,
+                                   skip_failed=skip_failed))
     return results
 
 

@@ -29,8 +29,9 @@ import torch
 import torchaudio
 from tqdm.auto import tqdm
 
+from layerprobe.atomic import atomic_write_bytes
 from layerprobe.phones import festival_to_arpabet
-from layerprobe.textgrids import Interval, atomic_write_bytes, format_textgrid
+from layerprobe.textgrids import Interval, format_textgrid
 
 SAMPLE_RATE = 16000
 COVER_TOLERANCE = 0.02  # seconds between the last segment end and the audio end

@@ -8,12 +8,12 @@ the independent reference in the tests instead.
 from __future__ import annotations
 
 import codecs
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from layerprobe.atomic import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -139,20 +139,6 @@ def format_textgrid(tiers: Mapping[str, Sequence[Interval]], xmax: float) -> str
             lines += [f"        intervals [{j}]:", f"            xmin = {iv.start:.6f} ",
                       f"            xmax = {iv.end:.6f} ", f"            text = {_quote(iv.text)} "]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_textgrid(path: str | Path, tiers: Mapping[str, Sequence[Interval]], xmax: float) -> None:

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT="${1:-runs/demo}"
-.venv/bin/layerprobe pretrain --config pretraining/configs/demo.toml --out "$OUT" --resume
-echo "curves across iterations: $OUT/profile/curves.png"
+.venv/bin/layerprobe pretrain --config demo --out "$OUT" --resume
+echo "layerwise curves across iterations: $OUT/profile.png (autoencoder index: $OUT/autoencoder.json)"

@@ -138,3 +138,13 @@ def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys, model_s
     with pytest.raises(SystemExit) as info:
         main(["score"])
     assert info.value.code == 2
+
+
+def test_cli_keeps_what_it_could_score_and_says_what_it_could_not(model_specs, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["score", model_specs["native"], "--probe", "word", "--probe", "fbank",
+                 "--max-utterances", "3", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "not scored: probe 'word'" in err and "items" in err
+    assert {r.probe for r in load_results(out)} == {"fbank"}

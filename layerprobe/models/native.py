@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchaudio.models import hubert_pretrain_model
+
+from layerprobe.atomic import atomic_torch_save
 
 from .wav2vec2 import TorchaudioLayerModel
 
@@ -49,16 +49,7 @@ def save_native_checkpoint(path: str | Path, model_args: Mapping[str, Any],
         "model": {k: v.detach().cpu() for k, v in state_dict.items()},
         "meta": dict(meta),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def _model_args(value: Any, path: Path) -> dict[str, Any]:

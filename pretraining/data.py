@@ -1,0 +1,221 @@
+"""Pretraining data: the audio of a corpus, length-bucketed batches, random crops with labels.
+
+Batches are limited by total audio seconds *including padding* (``batch_size × longest``). The
+order of batches is a pure function of (seed, iteration, epoch), so a run resumes from an
+(epoch, position) pair; crops are drawn from a generator seeded by (seed, iteration, epoch,
+position), so they need no saved state either. Under DDP, rank ``r`` of ``w`` takes batches
+``r, r + w, ...`` of each epoch (the tail that cannot be shared evenly is dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretraining.config import DataConfig
+from pretraining.model import num_frames, receptive_field
+
+SAMPLE_RATE = 16_000
+CACHE_LIMIT_SECONDS = 3600.0  # corpora up to an hour are kept in memory once loaded
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    id: str
+    path: Path
+    duration: float  # seconds, from the file header
+
+
+class AudioSet:
+    """Utterances of a corpus with their audio, loaded with ``layerprobe.corpus.load_audio``."""
+
+    def __init__(self, items: Sequence[AudioItem]):
+        if not items:
+            raise ValueError("no utterances to pretrain on")
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("utterance ids are not unique")
+        self.items = tuple(items)
+        self.cache: dict[int, torch.Tensor] | None = (
+            {} if sum(it.duration for it in items) <= CACHE_LIMIT_SECONDS else None)
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> AudioSet:
+        """The utterances of ``config.path`` of at least ``min_seconds`` (seeded subset if
+        ``max_utterances``)."""
+        items = [it for it in list_audio(config.path) if it.duration >= config.min_seconds]
+        if config.max_utterances and config.max_utterances < len(items):
+            gen = torch.Generator().manual_seed(0)
+            perm = torch.randperm(len(items), generator=gen)
+            keep = sorted(perm[:config.max_utterances].tolist())
+            items = [items[i] for i in keep]
+        if not items:
+            raise ValueError(f"{config.path or 'bundled corpus'}: no utterance of at least "
+                             f"{config.min_seconds} s")
+        return cls(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.id for it in self.items]
+
+    @property
+    def durations(self) -> list[float]:
+        return [it.duration for it in self.items]
+
+    def load(self, index: int) -> torch.Tensor:
+        """Waveform of utterance ``index``: [n] float32 at 16 kHz."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        from layerprobe.corpus import load_audio
+
+        wave = load_audio(self.items[index].path, sample_rate=SAMPLE_RATE)
+        if wave.dim() != 1:
+            raise ValueError(f"{self.items[index].path}: expected mono audio, "
+                             f"got {tuple(wave.shape)}")
+        if self.cache is not None:
+            self.cache[index] = wave
+        return wave
+
+
+def list_audio(source: str | Path | None) -> list[AudioItem]:
+    """Audio of a pretraining corpus; no alignments needed.
+
+    ``source`` is empty (the bundled corpus), a folder (every audio file below it; id = relative
+    path without suffix), a fairseq manifest (``.tsv`` whose first line is the root folder and
+    whose rows start with a relative audio path), or a layerprobe corpus manifest.
+    """
+    from layerprobe.corpus import AUDIO_SUFFIXES, audio_duration, bundled_corpus_path, load_corpus
+
+    root = bundled_corpus_path() if not source else Path(source).expanduser()
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file()
+                       and p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{root}: no audio files ({', '.join(AUDIO_SUFFIXES)}) below it")
+        return [AudioItem(str(p.relative_to(root).with_suffix("")), p, audio_duration(p))
+                for p in files]
+    if not root.is_file():
+        raise FileNotFoundError(f"{root}: no such pretraining corpus")
+    lines = root.read_text(encoding="utf-8").splitlines()
+    if root.suffix == ".tsv" and lines and Path(lines[0].strip()).is_dir():
+        base = Path(lines[0].strip())
+        rels = [line.split("\t")[0] for line in lines[1:] if line.strip()]
+        return [AudioItem(str(Path(r).with_suffix("")), base / r, audio_duration(base / r))
+                for r in rels]
+    corpus = load_corpus(root)
+    return [AudioItem(u.id, Path(u.audio_path), float(u.duration)) for u in corpus.utterances]
+
+
+def bucket_batches(durations: Sequence[float], batch_seconds: float, max_seconds: float,
+                   seed: int) -> list[list[int]]:
+    """Greedy length-sorted batches with ``len(batch) × longest ≤ batch_seconds``, shuffled.
+
+    Durations above ``max_seconds`` count as ``max_seconds`` (they are cropped). An utterance
+    longer than ``batch_seconds`` forms a batch alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tiebreak = torch.rand(len(durations), generator=gen).tolist()
+    eff = [min(d, max_seconds) for d in durations]
+    order = sorted(range(len(eff)), key=lambda i: (eff[i], tiebreak[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the newest utterance is the longest in its batch
+        if current and (len(current) + 1) * eff[i] > batch_seconds:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[p] for p in perm]
+
+
+def epoch_seed(seed: int, iteration: int, epoch: int) -> int:
+    return (seed * 1_000_003 + iteration * 10_007 + epoch) % (2**63)
+
+
+@dataclass
+class Batch:
+    waveforms: torch.Tensor  # [B, n] float32, zero padded
+    lengths: torch.Tensor  # [B] int64 samples
+    labels: torch.Tensor  # [B, T] int64, T = num_frames(n); padded frames are 0
+    seconds: float  # audio seconds without padding
+
+
+def collate(waves: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], model_args: dict,
+            max_samples: int, gen: torch.Generator) -> Batch:
+    """Crop waveforms longer than ``max_samples`` at a random frame boundary, pad, stack."""
+    _, hop = receptive_field(model_args)
+    cropped_w, cropped_l = [], []
+    for w, lab in zip(waves, labels, strict=True):
+        expected = num_frames(model_args, w.numel())
+        if lab.numel() != expected:
+            raise ValueError(f"labels have {lab.numel()} frames but the audio gives {expected}")
+        if w.numel() > max_samples:
+            start = hop * int(torch.randint(0, (w.numel() - max_samples) // hop + 1, (1,),
+                                            generator=gen))
+            w = w[start:start + max_samples]
+            lab = lab[start // hop:start // hop + num_frames(model_args, w.numel())]
+        cropped_w.append(w)
+        cropped_l.append(lab)
+    n = max(w.numel() for w in cropped_w)
+    t = num_frames(model_args, n)
+    wav = torch.zeros(len(cropped_w), n)
+    lab = torch.zeros(len(cropped_w), t, dtype=torch.long)
+    for b, (w, y) in enumerate(zip(cropped_w, cropped_l, strict=True)):
+        wav[b, :w.numel()] = w
+        lab[b, :y.numel()] = y
+    lengths = torch.tensor([w.numel() for w in cropped_w], dtype=torch.long)
+    return Batch(wav, lengths, lab, float(lengths.sum()) / SAMPLE_RATE)
+
+
+class BatchStream:
+    """Endless batches for one iteration; the position is ``(epoch, index)`` within rank's share."""
+
+    def __init__(self, audio: AudioSet, labels: dict[str, torch.Tensor], model_args: dict, *,
+                 batch_seconds: float, max_sample_seconds: float, seed: int, iteration: int,
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, position: int = 0):
+        missing = [uid for uid in audio.ids if uid not in labels]
+        if missing:
+            raise ValueError(f"no labels for {len(missing)} utterance(s), e.g. {missing[0]!r}")
+        self.audio, self.labels, self.model_args = audio, labels, model_args
+        self.batch_seconds, self.max_seconds = batch_seconds, max_sample_seconds
+        self.seed, self.iteration, self.rank, self.world_size = seed, iteration, rank, world_size
+        self.epoch, self.position = epoch, position
+        self._batches: list[list[int]] | None = None
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._batches is None:
+            s = epoch_seed(self.seed, self.iteration, self.epoch)
+            allb = bucket_batches(self.audio.durations, self.batch_seconds, self.max_seconds, s)
+            share = len(allb) // self.world_size
+            if share == 0:
+                raise ValueError(f"{len(allb)} batches cannot be shared by {self.world_size} ranks")
+            self._batches = allb[self.rank:share * self.world_size:self.world_size]
+        return self._batches
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def __next__(self) -> Batch:
+        batches = self._epoch_batches()
+        if self.position >= len(batches):
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+            batches = self._epoch_batches()
+        index = batches[self.position]
+        gen = torch.Generator().manual_seed(
+            epoch_seed(self.seed, self.iteration, self.epoch) * 7919 % (2**63)
+            + self.position * 131 + self.rank)
+        self.position += 1
+        ids = self.audio.ids
+        return collate([self.audio.load(i) for i in index], [self.labels[ids[i]] for i in index],
+                       self.model_args, int(self.max_seconds * SAMPLE_RATE), gen)
+
+    def __iter__(self) -> BatchStream:
+        return self

@@ -1,0 +1,114 @@
+"""Profiling of each iteration's checkpoint with ``layerprobe.score`` and the autoencoder index.
+
+Autoencoder index (per checkpoint label and metric):
+
+- ``word_drop`` = (max over layers − last layer) / max of the word probe's scores: how much
+  word information the top layer has lost relative to the best layer (0 = the top layer is the
+  best; large = "autoencoder" top layers). Undefined (None) when the max is <= 0.
+- ``fbank_rise`` = last layer − min over layers of the fbank probe's scores: how far the top
+  layer climbs back towards the input features (0 = the top layer is the least fbank-like).
+
+Both are computed only for probes present in the results; nothing else is added.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from layerprobe.atomic import atomic_write_text
+from layerprobe.results import Result, load_results, save_results
+from pretraining.config import ProfileConfig
+
+
+def word_drop(scores: Sequence[float]) -> float | None:
+    """(max − last) / max, None if the max is not positive."""
+    if not scores:
+        raise ValueError("word_drop of an empty score list")
+    top = max(scores)
+    return None if top <= 0 else (top - scores[-1]) / top
+
+
+def fbank_rise(scores: Sequence[float]) -> float:
+    """last − min."""
+    if not scores:
+        raise ValueError("fbank_rise of an empty score list")
+    return scores[-1] - min(scores)
+
+
+def autoencoder_index(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per (label, metric): ``word_drop`` and ``fbank_rise`` where the probe exists."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        if r.probe not in ("word", "fbank"):
+            continue
+        if r.layers != sorted(r.layers):
+            raise ValueError(f"result {r.label!r} ({r.probe}/{r.metric}): layers are not sorted")
+        row = rows.setdefault((r.label, r.metric), {"label": r.label, "metric": r.metric})
+        if r.probe == "word":
+            row["word_drop"] = word_drop(r.scores)
+        else:
+            row["fbank_rise"] = fbank_rise(r.scores)
+    return list(rows.values())
+
+
+def format_index(rows: Sequence[dict[str, Any]]) -> str:
+    def fmt(v: float | None) -> str:
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    lines = [f"{'checkpoint':<12} {'metric':<14} {'word_drop':>9} {'fbank_rise':>10}"]
+    for row in rows:
+        lines.append(f"{row['label']:<12} {row['metric']:<14} {fmt(row.get('word_drop')):>9} "
+                     f"{fmt(row.get('fbank_rise')):>10}")
+    return "\n".join(lines)
+
+
+def analysis_config(profile: ProfileConfig, device: str):
+    """The ``AnalysisConfig`` the profile uses: its TOML (if any) with the profile's overrides."""
+    from layerprobe.config import AnalysisConfig
+
+    cfg = AnalysisConfig.from_toml(profile.analysis_config) if profile.analysis_config \
+        else AnalysisConfig()
+    changes: dict[str, Any] = {"probes": profile.probes, "metrics": profile.metrics,
+                               "device": device}
+    if profile.corpus:
+        changes["corpus"] = profile.corpus
+    if profile.max_utterances:
+        changes["max_utterances"] = profile.max_utterances
+    return cfg.replace(**changes)
+
+
+def collect_results(run_dir: Path, n_iterations: int) -> list[Result]:
+    """All ``it{i}/probe.json`` results of a run so far, in iteration order."""
+    out: list[Result] = []
+    for i in range(1, n_iterations + 1):
+        path = run_dir / f"it{i}" / "probe.json"
+        if path.is_file():
+            out.extend(load_results(path))
+    return out
+
+
+def profile_iteration(run_dir: Path, iteration: int, n_iterations: int, profile: ProfileConfig,
+                      *, device: str = "cpu", meta: dict[str, Any] | None = None,
+                      log: Callable[[str], None] = print) -> list[Result]:
+    """Score ``it{i}/ckpt.pt``, write ``it{i}/probe.json``, and refresh the run's figure
+    (``profile.png``), results (``profile.json``) and index (``autoencoder.json``)."""
+    from layerprobe.plots import plot_layerwise
+    from layerprobe.score import score_model
+
+    ckpt = run_dir / f"it{iteration}" / "ckpt.pt"
+    cfg = analysis_config(profile, device)
+    results = score_model(ckpt, cfg.corpus or None, cfg, label=f"it{iteration}")
+    results = [Result(**{**r.to_dict(), "meta": {**r.meta, **(meta or {}),
+                                                "iteration": iteration}}) for r in results]
+    save_results(results, run_dir / f"it{iteration}" / "probe.json")
+    everything = collect_results(run_dir, n_iterations)
+    save_results(everything, run_dir / "profile.json")
+    plot_layerwise(everything, run_dir / "profile.png",
+                   title=f"{run_dir.name}: layerwise scores across iterations")
+    rows = autoencoder_index(everything)
+    atomic_write_text(run_dir / "autoencoder.json", json.dumps(rows, indent=1) + "\n")
+    log(format_index(rows))
+    return results

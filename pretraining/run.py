@@ -1,0 +1,229 @@
+"""A pretraining run end to end: plan → per iteration (targets, training, checkpoint, profile).
+
+Run folder::
+
+    RUN_DIR/config.json   the resolved config      RUN_DIR/plan.json    the resolved plan
+    RUN_DIR/state.pt      the resume state (model, optimizer, scheduler, RNG, data position)
+    RUN_DIR/it{i}/labels.pt   targets of iteration i
+    RUN_DIR/it{i}/ckpt.pt     final checkpoint of iteration i (``layerprobe score`` reads it)
+    RUN_DIR/it{i}/probe.json  its layerwise scores
+    RUN_DIR/profile.json, profile.png, autoencoder.json   all iterations so far
+
+Phases are marked by files written atomically: ``labels.pt`` (targets done), ``ckpt.pt``
+(training done), ``probe.json`` (profiled), so ``--resume`` redoes only what is missing; an
+iteration in training continues from ``state.pt``. Labels and model initialisation are seeded,
+so a resumed run ends in the same state as an uninterrupted one.
+
+Initialisation across iterations (``[train] init_from_previous``): false by default, as in
+fairseq HuBERT, where every iteration trains a fresh model. When true, iteration i > 1 starts
+from iteration i − 1's weights (conv stack, encoder, mask embedding) with a freshly initialised
+prediction head (``final_proj`` and ``label_embeddings``), since cluster ids are not comparable
+across k-means runs. Whether Vielzeuf (2024) continued is not known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pretraining.config import PretrainConfig
+from pretraining.data import AudioSet, BatchStream
+from pretraining.model import (
+    build_model,
+    load_checkpoint,
+    model_args,
+    reset_prediction_head,
+    save_checkpoint,
+)
+from pretraining.schedules import Iteration, Plan, plan_from_config
+from pretraining.targets import Labels, compute_labels
+from pretraining.train import STATE_FORMAT, Dist, seed_all, train_iteration
+
+# config keys that may differ when resuming (they do not change the trained weights)
+RESUME_FREE = {("train", "log_every"), ("train", "save_every"), ("train", "device"),
+               ("train", "num_threads")}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    plan: Plan
+    completed: tuple[int, ...]  # iterations with a final checkpoint
+    stopped_early: bool
+    seconds: float
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"[train] device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def init_distributed(device: str) -> tuple[Dist, torch.device]:
+    """Join the ``torchrun`` process group if ``WORLD_SIZE`` > 1 (nccl on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local), dev
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from layerprobe.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "profile" or (section, key) in RESUME_FREE:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"[{section}] {key}: {a.get(key)!r} → {b.get(key)!r}")
+    return diffs
+
+
+def prepare_run_dir(run_dir: Path, config: PretrainConfig, plan: Plan, resume: bool,
+                    dist_info: Dist) -> None:
+    """Create the run folder, or check on ``resume`` that it holds the same plan and config."""
+    plan_path, config_path = run_dir / "plan.json", run_dir / "config.json"
+    if not dist_info.main:  # rank 0 checks and creates; the others wait for it
+        dist_info.barrier()
+        return
+    if plan_path.is_file():
+        if not resume:
+            raise ValueError(f"{run_dir}: already holds a run; pass --resume to continue it or "
+                             f"choose another --out")
+        old = Plan.from_dict(json.loads(plan_path.read_text()))
+        if old != plan:
+            raise ValueError(f"{run_dir}: --resume with a different plan;\nsaved:\n{old.format()}"
+                             f"\nnow:\n{plan.format()}")
+        diffs = _config_differences(json.loads(config_path.read_text()), config.to_dict())
+        if diffs:
+            raise ValueError(f"{run_dir}: --resume with a different config: " + "; ".join(diffs))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, config.to_dict())
+        _write_json(plan_path, plan.to_dict())
+    dist_info.barrier()
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a {STATE_FORMAT} resume state")
+    return state
+
+
+def iteration_model(config: PretrainConfig, it: Iteration, run_dir: Path
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A seeded fresh model for iteration ``it`` (or the previous one's weights, new head)."""
+    args = model_args(config.model.preset, it.clusters, config.model.overrides)
+    seed_all(config.train.seed * 1_000 + it.index)
+    model = build_model(args)
+    if config.train.init_from_previous and it.index > 1:
+        previous, prev_args, _ = load_checkpoint(run_dir / f"it{it.index - 1}" / "ckpt.pt")
+        if {k: v for k, v in prev_args.items() if k != "num_classes"} != \
+                {k: v for k, v in args.items() if k != "num_classes"}:
+            raise ValueError(f"iteration {it.index}: init_from_previous needs the same "
+                             f"architecture as iteration {it.index - 1}")
+        state = {k: v for k, v in previous.state_dict().items()
+                 if not k.startswith("logit_generator")}
+        model.load_state_dict(state, strict=False)
+        reset_prediction_head(model, it.clusters, seed=config.train.seed * 1_000 + it.index)
+    return model.train(), args
+
+
+def run_pretraining(config: PretrainConfig, run_dir: str | Path, *, resume: bool = False,
+                    stop_at: tuple[int, int] | None = None,
+                    log: Callable[[str], None] = print) -> RunSummary:
+    """Run (or, with ``resume``, continue) every iteration of the config's plan in ``run_dir``.
+
+    ``stop_at=(iteration, step)`` stops after that step's state is saved, as a kill would.
+    """
+    started = time.time()
+    run_dir = Path(run_dir)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    dist_info, device = init_distributed(config.train.device)
+    plan = plan_from_config(config.schedule)
+    probe_args = model_args(config.model.preset, 2, config.model.overrides)
+    n_layers = probe_args["encoder_num_layers"]
+    too_high = [it.layer for it in plan.iterations if it.layer is not None and it.layer > n_layers]
+    if too_high:
+        raise ValueError(f"supervision layer(s) {too_high} above the model's {n_layers} layers "
+                         f"(preset {config.model.preset!r})")
+    if dist_info.main:
+        log(plan.format())
+    prepare_run_dir(run_dir, config, plan, resume, dist_info)
+    audio = AudioSet.from_config(config.data)
+    if dist_info.main:
+        log(f"data: {len(audio)} utterances, {sum(audio.durations) / 60:.1f} min of audio; "
+            f"device {device}, {dist_info.world_size} process(es)")
+    state_path = run_dir / "state.pt"
+    state = _load_state(state_path) if resume else None
+    completed: list[int] = []
+    for it in plan.iterations:
+        it_dir = run_dir / f"it{it.index}"
+        ckpt = it_dir / "ckpt.pt"
+        if not ckpt.is_file():
+            labels_path = it_dir / "labels.pt"
+            if not labels_path.is_file() and dist_info.main:
+                labels = compute_labels(
+                    audio.ids, audio.load, it, probe_args, config.kmeans,
+                    previous_ckpt=run_dir / f"it{it.index - 1}" / "ckpt.pt" if it.index > 1
+                    else None, seed=config.train.seed * 1_000 + it.index, device=device, log=log)
+                labels.save(labels_path)
+            dist_info.barrier()
+            labels = Labels.load(labels_path)
+            model, args = iteration_model(config, it, run_dir)
+            seed_all(config.train.seed * 1_000 + it.index * 10 + 7 + dist_info.rank * 100_003)
+            stream = BatchStream(audio, labels.labels, args,
+                                 batch_seconds=config.train.batch_seconds,
+                                 max_sample_seconds=config.data.max_sample_seconds,
+                                 seed=config.train.seed, iteration=it.index,
+                                 rank=dist_info.rank, world_size=dist_info.world_size)
+            resume_state = state if state is not None and state["iteration"] == it.index else None
+            stop = stop_at[1] if stop_at is not None and stop_at[0] == it.index else None
+            train_iteration(model, stream, iteration=it.index, steps=it.steps, config=config.train,
+                            device=device, state_path=state_path, resume=resume_state,
+                            dist_info=dist_info, stop_at_step=stop, log=log)
+            if stop is not None and stop < it.steps:
+                return RunSummary(run_dir, plan, tuple(completed), True, time.time() - started)
+            if dist_info.main:
+                meta = {"iteration": it.index, "step": it.steps, "schedule": plan.schedule,
+                        "plan": asdict(it), "targets": it.target_name, "run": run_dir.name,
+                        "seed": config.train.seed, "torch": torch.__version__,
+                        "config": config.to_dict()}
+                save_checkpoint(ckpt, args, model.state_dict(), meta)
+                log(f"iteration {it.index}: wrote {ckpt}")
+            dist_info.barrier()
+        completed.append(it.index)
+        if config.profile.enabled and dist_info.main and not (it_dir / "probe.json").is_file():
+            from pretraining.profile import profile_iteration
+
+            profile_iteration(run_dir, it.index, len(plan.iterations), config.profile,
+                              device=str(device), log=log,
+                              meta={"schedule": plan.schedule, "run": run_dir.name})
+        dist_info.barrier()
+    return RunSummary(run_dir, plan, tuple(completed), False, time.time() - started)
