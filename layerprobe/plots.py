@@ -56,7 +56,8 @@ def plot_layerwise(
 ) -> Path:
     """Draw a panel per (probe, metric) and a curve per result label; write PNG or PDF.
 
-    ``rows_by`` names a ``meta`` field (e.g. ``"schedule"``): one row of panels per value.
+    ``rows_by`` names a ``meta`` field (e.g. ``"schedule"``): one row of panels per value, in the
+    order of first appearance, sharing each column's y axis.
     Each curve is labelled at its right end, so no legend hunting is needed.
     """
     if not results:
@@ -65,13 +66,14 @@ def plot_layerwise(
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ValueError(f"{out}: figure must be .png, .pdf or .svg")
     panels = _panels(results)
-    rows = sorted({str(r.meta.get(rows_by, "")) for r in results}, key=natural_key) if rows_by \
+    # rows in the order they first appear (the order of the files a user passes)
+    rows = list(dict.fromkeys(str(r.meta.get(rows_by, "")) for r in results)) if rows_by \
         else [""]
     labels = sorted({r.label for r in results}, key=natural_key)
     colours = _colours(labels)
     fig, axes = plt.subplots(
         len(rows), len(panels), figsize=(3.6 * len(panels) + 0.8, 2.9 * len(rows) + 0.6),
-        squeeze=False, sharex=False,
+        squeeze=False, sharey="col" if len(rows) > 1 else False,
     )
     for row_index, row in enumerate(rows):
         for col, (probe, metric) in enumerate(panels):
@@ -93,7 +95,12 @@ def plot_layerwise(
             ax.margins(x=0.15)
             if chosen:
                 ax.set_xticks(chosen[0].layers)
-    handles, names = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    names = sorted(legend, key=natural_key)
+    handles = [legend[name] for name in names]
     if len(labels) > 1 and handles:
         fig.legend(handles, names, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
                    frameon=False)

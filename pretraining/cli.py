@@ -25,8 +25,11 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=PRESETS, help="model preset (default: the config's)")
     parser.add_argument("--config", help="pretraining TOML, or a bundled name (tiny, base, demo)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--first-layer", type=int, help="supervision layer of iteration 2")
-    parser.add_argument("--last-layer", type=int, help="supervision layer of iteration N")
+    parser.add_argument("--first-layer", type=int,
+                        help="supervision layer of iteration 2 (of all later ones for original, "
+                        "uniform)")
+    parser.add_argument("--last-layer", type=int,
+                        help="supervision layer of iteration N (progressive schedules)")
     parser.add_argument("--first-clusters", type=int, help="clusters of iteration 1")
     parser.add_argument("--last-clusters", type=int, help="clusters of later iterations")
     parser.add_argument("--seed", type=int, help="seed of everything")

@@ -4,8 +4,9 @@ A plan is a list of iterations. Iteration 1 always predicts k-means clusters of 
 later iteration predicts clusters of layer ``layer`` of the previous iteration's checkpoint.
 
 - ``original``: the HuBERT Base recipe, exactly 2 iterations; steps split 250k:400k; iteration 2
-  uses ``last_layer`` and ``last_clusters`` (published: layer 6, 500 clusters).
-- ``uniform``: N iterations with equal steps; iterations >= 2 use ``last_layer``, ``last_clusters``.
+  uses ``first_layer`` and ``last_clusters`` (published: layer 6, 500 clusters).
+- ``uniform``: N iterations with equal steps; iterations >= 2 keep the original recipe's targets,
+  ``first_layer`` and ``last_clusters``: only the number of iterations changes.
 - ``progressive``: steps of iteration i proportional to i (rising linearly); the supervision layer
   rises linearly from ``first_layer`` (iteration 2) to ``last_layer`` (iteration N);
   iterations >= 2 use ``last_clusters``.
@@ -117,7 +118,7 @@ def build_plan(schedule: str, iterations: int, total_steps: int, *, first_layer:
         weights = [float(i) for i in range(1, n + 1)]
     steps = split_steps(total_steps, weights)
     if schedule in ("original", "uniform"):
-        layers = [last_layer] * (n - 1)
+        layers = [first_layer] * (n - 1)
     else:
         layers = _linear(first_layer, last_layer, n - 1) if n > 1 else []
     if schedule == "progressive-cluster":

@@ -33,7 +33,7 @@ def test_schedules_uniform_equal_steps_constant_targets():
     plan = build_plan("uniform", 4, 1002, **KW)
     steps = [it.steps for it in plan.iterations]
     assert max(steps) - min(steps) <= 1
-    assert [it.layer for it in plan.iterations[1:]] == [9, 9, 9]
+    assert [it.layer for it in plan.iterations[1:]] == [3, 3, 3]
     assert [it.clusters for it in plan.iterations] == [100, 500, 500, 500]
 
 
