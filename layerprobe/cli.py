@@ -124,16 +124,16 @@ def _collect_failures() -> Iterator[list[str]]:
     from layerprobe.score import ScoringWarning
 
     failures: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ScoringWarning)
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ScoringWarning)
             yield failures
-        finally:
-            for w in caught:
-                if issubclass(w.category, ScoringWarning):
-                    failures.append(str(w.message))
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:
+        for w in caught:  # outside the recording context: others are shown as usual
+            if issubclass(w.category, ScoringWarning):
+                failures.append(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _report_failures(failures: list[str]) -> int:

@@ -99,12 +99,19 @@ def score_model(
     pending: dict[int, dict[str, UtteranceTargets]] = {}
     audio_seconds = 0.0
     timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "cca": 0.0, "mi": 0.0}
+    too_short: list[str] = []
 
     def waveforms() -> Iterator[tuple[int, torch.Tensor]]:
         nonlocal audio_seconds
         for index, utt in enumerate(corpus.utterances):
             tic = time.perf_counter()
             wave = load_audio(utt.audio_path)
+            if wave.shape[-1] < model.receptive_field:
+                too_short.append(str(utt.audio_path))
+                warnings.warn(f"{utt.audio_path}: {wave.shape[-1]} samples, shorter than the "
+                              f"model's receptive field ({model.receptive_field} samples): "
+                              "skipped", UserWarning, stacklevel=2)
+                continue
             n_frames = model.num_frames(int(wave.shape[-1]))
             targets = {
                 name: probe.targets(index, wave, n_frames, model.frame_rate)
@@ -165,8 +172,11 @@ def score_model(
             tic = time.perf_counter()
             try:
                 if state.n_items == 0:
+                    short = (f"; {len(too_short)} utterance(s) shorter than the model's "
+                             f"receptive field of {model.receptive_field} samples, e.g. "
+                             f"{too_short[0]}" if too_short else "")
                     raise ValueError(f"no items in corpus {corpus.name!r} "
-                                     "(check its alignments and tier names)")
+                                     f"(check its alignments and tier names{short})")
                 if metric == "mi":
                     results.append(_mi_result(state, config, n_splits, layers, model_spec,
                                               label, corpus.name, meta, started))

@@ -148,3 +148,28 @@ def test_cli_keeps_what_it_could_score_and_says_what_it_could_not(model_specs, t
     err = capsys.readouterr().err
     assert "not scored: probe 'word'" in err and "items" in err
     assert {r.probe for r in load_results(out)} == {"fbank"}
+
+
+def test_cli_shows_corpus_warnings_and_skips_audio_shorter_than_the_receptive_field(
+        model_specs, tmp_path):
+    import shutil
+
+    import soundfile as sf
+
+    from layerprobe.textgrids import Interval, write_textgrid
+
+    good = load_corpus(None, max_utterances=1).utterances[0]
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(good.audio_path, data / "good.flac")
+    shutil.copy(good.alignment_path, data / "good.TextGrid")
+    sf.write(data / "short.wav", np.zeros(30, dtype="float32"), 16000)  # < 60-sample field
+    write_textgrid(data / "short.TextGrid", {"words": [Interval(0.0, 0.0019, "a")],
+                                             "phones": [Interval(0.0, 0.0019, "AH0")]}, 0.0019)
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="short.wav: 30 samples, shorter than the model's "
+                      "receptive field"):
+        code = main(["score", model_specs["native"], "--data", str(data), "--probe", "fbank",
+                     "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert load_results(out)[0].meta["n_utterances"] == 1
