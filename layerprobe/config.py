@@ -70,12 +70,7 @@ class AnalysisConfig:
     def from_toml(cls, path: str | Path) -> AnalysisConfig:
         """Load ``[corpus]``, ``[probes]``, ``[cca]``, ``[mi]`` and ``[model]`` tables."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such analysis config")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML ({err})") from err
+        data = read_toml(path, what="analysis config")
         try:
             return cls.from_dict(data, base_dir=path.parent)
         except (TypeError, ValueError) as err:
@@ -111,6 +106,17 @@ class AnalysisConfig:
                                                 "max_chunk_seconds": "max_chunk_seconds",
                                                 "device": "device", "bf16": "bf16"}, "model")
         return cls(**kw)
+
+
+def read_toml(path: str | Path, *, what: str) -> dict[str, Any]:
+    """Parse a TOML file; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML ({err})") from err
 
 
 def _take(table: dict[str, Any], out: dict[str, Any], names: dict[str, str], section: str) -> None:

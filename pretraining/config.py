@@ -8,10 +8,11 @@ HuBERT Base recipe (fairseq ``examples/hubert``) where one exists.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from layerprobe.config import read_toml
 
 SCHEDULES = ("original", "uniform", "progressive", "progressive-cluster")
 PRESETS = ("tiny", "base")
@@ -184,13 +185,7 @@ class PretrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PretrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such pretraining config")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML ({err})") from err
+        data = read_toml(path, what="pretraining config")
         return cls.from_dict(data, source=str(path))
 
 
