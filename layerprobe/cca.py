@@ -299,8 +299,10 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
     idx = torch.as_tensor(fit.layers, device=dev)
     mx, my = fit.mask_x, fit.mask_y
     allx, ally = bool(mx.all()), bool(my.all())
-    cxx = data.cxx.index_select(0, idx)
-    cxy = data.cxy.index_select(0, idx)
+    all_layers = fit.layers == list(range(data.n_layers))
+    cxx = data.cxx if all_layers else data.cxx.index_select(0, idx)  # no 13 x dx^2 copy
+    cxy = data.cxy if all_layers else data.cxy.index_select(0, idx)
+    cxx_max = data.max_abs_cxx.index_select(0, idx)
     cyy = data.cyy
     if not allx:
         cxx, cxy = cxx[:, mx][:, :, mx], cxy[:, mx]
@@ -314,8 +316,8 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
     cov = ((px @ cxy) * py).sum(-1)
     # dead: the variate's variance is at the rounding level of the set's covariance
     # (Rayleigh quotient of the centred cross-products at the direction, relative to max |C|)
-    dead_x = vx <= DEAD_TOL * (px * px).sum(-1) * cxx.abs().amax((-2, -1))[:, None]
-    dead_y = vy <= DEAD_TOL * (py * py).sum(-1) * cyy.abs().max()
+    dead_x = vx <= DEAD_TOL * (px * px).sum(-1) * cxx_max[:, None]
+    dead_y = vy <= DEAD_TOL * (py * py).sum(-1) * data.max_abs_cyy
     dead = dead_x | dead_y
     denom = torch.sqrt(torch.where(dead, torch.ones_like(vx), vx * vy))
     rho = torch.where(dead, torch.zeros_like(cov), cov / denom)

@@ -13,6 +13,7 @@ given; 4096 x 13 x 768 x 4 bytes = 0.16 GB) and its sorted copy while flushing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,9 +80,20 @@ class CentredStats:
     def n_layers(self) -> int:
         return int(self.cxx.shape[0])
 
+    @functools.cached_property
+    def max_abs_cxx(self) -> torch.Tensor:
+        """max |cxx| per layer [L] (computed once: every fit and score of a trial needs it)."""
+        return self.cxx.abs().amax(dim=(-2, -1))
+
+    @functools.cached_property
+    def max_abs_cyy(self) -> torch.Tensor:
+        return self.cyy.abs().max()
+
     def layer(self, index: Sequence[int] | torch.Tensor) -> CentredStats:
-        """The same statistics restricted to some layers."""
+        """The same statistics restricted to some layers (``self`` when that is all of them)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.cxx.device)
+        if idx.tolist() == list(range(self.n_layers)):
+            return self
         return CentredStats(self.n, self.mean_x[idx], self.mean_y, self.cxx[idx],
                             self.cxy[idx], self.cyy)
 
