@@ -31,6 +31,8 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA)")
     parser.add_argument("--seed", type=int, help="seed for sampling, splits, trials, k-means")
     parser.add_argument("--max-utterances", type=int, help="use at most this many utterances")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad utterance instead of skipping it")
     parser.add_argument("--batch-seconds", type=float, help="padded audio per forward batch")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -54,6 +56,8 @@ def _config_from_args(args: argparse.Namespace):
             changes[field] = getattr(args, arg)
     if args.bf16:
         changes["bf16"] = True
+    if args.strict:
+        changes["strict"] = True
     return config.replace(**changes)
 
 

@@ -23,6 +23,7 @@ class AnalysisConfig:
     word_tier: str = "words"
     phone_tier: str = "phones"
     max_utterances: int = 0  # 0: all
+    strict: bool = False  # the first bad utterance is an error instead of a skip + warning
     probes: tuple[str, ...] = DEFAULT_PROBES
     metrics: tuple[str, ...] = ("pwcca",)
     probe_config: ProbeConfig = field(default_factory=ProbeConfig)
@@ -85,7 +86,8 @@ class AnalysisConfig:
         kw: dict[str, Any] = {}
         corpus = dict(data.get("corpus", {}))
         _take(corpus, kw, {"path": "corpus", "word_tier": "word_tier", "phone_tier": "phone_tier",
-                           "max_utterances": "max_utterances"}, "corpus")
+                           "max_utterances": "max_utterances", "strict": "strict"},
+              "corpus")
         if kw.get("corpus") and base_dir is not None and not Path(kw["corpus"]).is_absolute():
             candidate = (base_dir / kw["corpus"]).resolve()
             kw["corpus"] = str(candidate) if candidate.exists() else kw["corpus"]

@@ -48,6 +48,16 @@ class _ProbeState:
     n_items: int = 0
 
 
+def resolve_corpus(corpus: Corpus | str | Path | None, config: AnalysisConfig) -> Corpus:
+    """A loaded corpus as is; else read ``corpus`` (or the config's, or the bundled one)."""
+    if isinstance(corpus, Corpus):
+        return corpus
+    source = corpus if corpus is not None else (config.corpus or None)
+    return load_corpus(source, word_tier=config.word_tier, phone_tier=config.phone_tier,
+                       max_utterances=config.max_utterances or None, strict=config.strict,
+                       seed=config.seed)
+
+
 def model_label(spec: str | Path | LayerModel) -> str:
     """A short name for a model: the run/iteration folder for checkpoints, else the spec."""
     if isinstance(spec, LayerModel):
@@ -81,15 +91,7 @@ def score_model(
     else:
         model_spec = model.name
         model = model.to(device)
-    if not isinstance(corpus, Corpus):
-        source = corpus if corpus is not None else (config.corpus or None)
-        corpus = load_corpus(
-            source,
-            word_tier=config.word_tier,
-            phone_tier=config.phone_tier,
-            max_utterances=config.max_utterances or None,
-            seed=config.seed,
-        )
+    corpus = resolve_corpus(corpus, config)
     probes = build_probes(corpus, config.probes, config.probe_config)
     states = {name: _ProbeState(probe) for name, probe in probes.items()}
     want_mi = "mi" in config.metrics
@@ -280,10 +282,7 @@ def score_models(
     config = config or AnalysisConfig()
     if labels is not None and len(labels) != len(models):
         raise ValueError(f"{len(labels)} labels for {len(models)} models")
-    if not isinstance(corpus, Corpus):
-        source = corpus if corpus is not None else (config.corpus or None)
-        corpus = load_corpus(source, word_tier=config.word_tier, phone_tier=config.phone_tier,
-                             max_utterances=config.max_utterances or None, seed=config.seed)
+    corpus = resolve_corpus(corpus, config)
     results: list[Result] = []
     for i, model in enumerate(models):
         label = labels[i] if labels is not None else None

@@ -173,3 +173,23 @@ def test_cli_shows_corpus_warnings_and_skips_audio_shorter_than_the_receptive_fi
                      "--device", "cpu", "--out", str(out), "--no-progress"])
     assert code == 0
     assert load_results(out)[0].meta["n_utterances"] == 1
+
+
+def test_cli_strict_stops_at_the_first_bad_utterance(model_specs, tmp_path, capsys):
+    import shutil
+
+    from layerprobe.textgrids import Interval, write_textgrid
+
+    good = load_corpus(None, max_utterances=1).utterances[0]
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for stem in ("good", "bad"):
+        shutil.copy(good.audio_path, data / f"{stem}.flac")
+    shutil.copy(good.alignment_path, data / "good.TextGrid")
+    write_textgrid(data / "bad.TextGrid", {"words": [Interval(0.0, 0.5, "a")]}, good.duration)
+    args = ["score", model_specs["native"], "--data", str(data), "--probe", "fbank",
+            "--device", "cpu", "--out", str(tmp_path / "r.json"), "--no-progress"]
+    with pytest.warns(UserWarning, match="bad.TextGrid.*no tier 'phones'"):
+        assert main(args) == 0
+    assert main([*args, "--strict"]) == 1
+    assert "bad.TextGrid" in capsys.readouterr().err
