@@ -71,6 +71,8 @@ METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka"
 N_PAIRS = 6  # eps pairs kept per trial (the first that work)
 RCOND = 1e-15  # numpy.linalg.pinv's default cut-off
 DEAD_TOL = 1e-11  # variate variance / (|direction|^2 max|C|) at or below which rho := 0
+DEPENDENT_TOL = 1e-10  # PWCCA weights: a variate whose Gram-Schmidt residual norm² is at most this
+#                        fraction of its norm² is dependent on the earlier ones and gets weight 0
 SVCCA_VARIANCE = 0.99
 SIGN_CONVENTION = ("each canonical pair is flipped so that the largest-|.| entry of its X-view "
                    "direction (row of proj_x over kept dimensions) is positive")
@@ -270,22 +272,32 @@ class _Scored:
 
 
 def _orthonormal_products_skipping_dependent(ddt: torch.Tensor, dat: torch.Tensor,
-                                             tol: float = 1e-10) -> torch.Tensor:
+                                             tol: float = DEPENDENT_TOL) -> torch.Tensor:
     """``Q^T A^T`` for Gram-Schmidt on the variates, from their Gram ``ddt`` [k, k] and their
-    products with the raw dimensions ``dat`` [k, m]; a variate whose residual norm² is below
+    products with the raw dimensions ``dat`` [k, m]; a variate whose residual norm² is at most
     ``tol`` × its norm² (dependent on the earlier ones) gets a zero row instead of failing.
-    Equal to the Cholesky route when the variates are independent."""
+    Equal to the Cholesky route when the variates are independent.
+
+    The first dependent variate is replaced by a unit vector orthogonal to all others (its Gram
+    row and column zeroed, diagonal 1), which leaves every other variate's orthogonalisation
+    unchanged, and the Cholesky factorisation is redone; at most k times."""
+    ddt, dat = ddt.clone(), dat.clone()
     k = ddt.shape[0]
-    lower = torch.zeros_like(ddt)
-    z = torch.zeros_like(dat)
-    for i in range(k):
-        for j in range(i):
-            if lower[j, j] > 0:
-                lower[i, j] = (ddt[i, j] - lower[i, :j] @ lower[j, :j]) / lower[j, j]
-        residual = ddt[i, i] - lower[i, :i] @ lower[i, :i]
-        if residual > tol * ddt[i, i] and residual > 0:
-            lower[i, i] = torch.sqrt(residual)
-            z[i] = (dat[i] - lower[i, :i] @ z[:i]) / lower[i, i]
+    norms = ddt.diagonal().clone()
+    skipped = torch.zeros(k, dtype=torch.bool, device=ddt.device)
+    for _ in range(k + 1):
+        chol, info = torch.linalg.cholesky_ex(ddt)
+        valid = int(info) - 1 if int(info) > 0 else k  # pivots before a failure are valid
+        pivots = chol.diagonal()[:valid] ** 2
+        weak = torch.nonzero((pivots <= tol * norms[:valid]) & ~skipped[:valid]).flatten()
+        if weak.numel() == 0 and valid == k:
+            break
+        drop = int(weak[0]) if weak.numel() else valid
+        ddt[drop, :], ddt[:, drop], dat[drop] = 0, 0, 0
+        ddt[drop, drop] = 1
+        skipped[drop] = True
+    z = torch.linalg.solve_triangular(chol, dat, upper=False)
+    z[skipped] = 0
     return z
 
 
@@ -345,10 +357,13 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
             dat = dat * keep[:, :, None]
         ddt = 0.5 * (ddt + ddt.mT)
         chol, info = torch.linalg.cholesky_ex(ddt)
-        chol = torch.where((info == 0)[:, None, None], chol,
-                           torch.eye(k, dtype=chol.dtype, device=dev).expand(g, k, k))
+        pivots = torch.diagonal(chol, dim1=-2, dim2=-1) ** 2
+        dependent = (info != 0) | (pivots <= DEPENDENT_TOL
+                                   * torch.diagonal(ddt, dim1=-2, dim2=-1)).any(-1)
+        chol = torch.where(dependent[:, None, None],
+                           torch.eye(k, dtype=chol.dtype, device=dev).expand(g, k, k), chol)
         z = torch.linalg.solve_triangular(chol, dat, upper=False)
-        for j in torch.nonzero(info != 0).flatten().tolist():
+        for j in torch.nonzero(dependent).flatten().tolist():
             # rank-deficient variates (e.g. a class absent from this split): Gram-Schmidt that
             # gives linearly dependent variates no basis vector (weight 0)
             z[j] = _orthonormal_products_skipping_dependent(ddt[j], dat[j])
