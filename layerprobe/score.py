@@ -257,6 +257,12 @@ def _mi_result(
     train = split < n_splits - MI_HELD_OUT_SPLITS
     name = state.probe.name
     n_clusters = config.word_clusters if name.startswith("word") else config.phone_clusters
+    n_held_out = int((~train).sum())
+    if min(n_clusters, int(train.sum())) > n_held_out:
+        warnings.warn(f"probe {name!r}: MI with {min(n_clusters, int(train.sum()))} clusters for "
+                      f"{n_held_out} held-out items is biased toward 1 (most items get a cluster "
+                      "of their own); use fewer clusters ([mi] in the analysis config)",
+                      UserWarning, stacklevel=3)
     batch_size = 4000 if name.startswith("word") else 1500
     mi = mi_score(features, labels, train, n_clusters=n_clusters, batch_size=batch_size,
                   seed=config.seed, max_iter=config.mi_max_iter)
