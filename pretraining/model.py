@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torchaudio.models import HuBERTPretrainModel, hubert_pretrain_model
 
+from layerprobe.models import ConvStack
 from layerprobe.models import load_checkpoint as read_checkpoint
 from layerprobe.models.native import FORMAT, save_native_checkpoint
 
@@ -106,25 +107,21 @@ def build_model(args: dict[str, Any]) -> HuBERTPretrainModel:
     return hubert_pretrain_model(**kw)
 
 
+def conv_stack(args: dict[str, Any]) -> ConvStack:
+    """Kernels and strides of the model's conv stack (frame arithmetic shared with scoring)."""
+    conv = args.get("extractor_conv_layer_config") or _conv_config(512)
+    return ConvStack(tuple(int(k) for _, k, _ in conv), tuple(int(s) for _, _, s in conv))
+
+
 def num_frames(args: dict[str, Any], n_samples: int) -> int:
     """Output frames of the conv stack for ``n_samples`` of audio (0 if too short)."""
-    conv = args.get("extractor_conv_layer_config") or _conv_config(512)
-    n = n_samples
-    for _, kernel, stride in conv:
-        n = (n - kernel) // stride + 1
-        if n <= 0:
-            return 0
-    return n
+    return conv_stack(args).num_frames(n_samples)
 
 
 def receptive_field(args: dict[str, Any]) -> tuple[int, int]:
     """(receptive field, hop) in samples of the conv stack."""
-    conv = args.get("extractor_conv_layer_config") or _conv_config(512)
-    field_, hop = 1, 1
-    for _, kernel, stride in conv:
-        field_ += (kernel - 1) * hop
-        hop *= stride
-    return field_, hop
+    stack = conv_stack(args)
+    return stack.receptive_field, stack.stride
 
 
 def reset_prediction_head(model: HuBERTPretrainModel, num_classes: int, seed: int) -> None:

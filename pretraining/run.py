@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from layerprobe.models import resolve_device as layerprobe_device
 from pretraining.config import PretrainConfig
 from pretraining.data import AudioSet, BatchStream
 from pretraining.model import (
@@ -62,13 +63,11 @@ class RunSummary:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"[train] device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    """layerprobe's device rule; a bare ``cuda`` (or ``auto`` on a GPU) is this rank's GPU."""
+    resolved = layerprobe_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    return resolved
 
 
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
