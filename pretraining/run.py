@@ -159,12 +159,26 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path, *, resume: bool
     """Run (or, with ``resume``, continue) every iteration of the config's plan in ``run_dir``.
 
     ``stop_at=(iteration, step)`` stops after that step's state is saved, as a kill would.
+    Under ``torchrun`` the process group is destroyed on the way out: left to the interpreter's
+    exit, gloo's threads can abort a rank ("terminate called without an active exception") after
+    training has finished.
     """
-    started = time.time()
-    run_dir = Path(run_dir)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     dist_info, device = init_distributed(config.train.device)
+    try:
+        return _run_plan(config, Path(run_dir), dist_info, device, resume=resume,
+                         stop_at=stop_at, log=log)
+    finally:
+        if dist_info.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_plan(config: PretrainConfig, run_dir: Path, dist_info: Dist, device: torch.device, *,
+              resume: bool, stop_at: tuple[int, int] | None,
+              log: Callable[[str], None]) -> RunSummary:
+    """The body of :func:`run_pretraining`, inside the process group."""
+    started = time.time()
     plan = plan_from_config(config.schedule)
     probe_args = model_args(config.model.preset, 2, config.model.overrides)
     n_layers = probe_args["encoder_num_layers"]
