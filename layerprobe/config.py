@@ -28,6 +28,7 @@ class AnalysisConfig:
     metrics: tuple[str, ...] = ("pwcca",)
     probe_config: ProbeConfig = field(default_factory=ProbeConfig)
     n_trials: int = 3
+    n_seeds: int = 3  # spread: CCA re-deals items into splits, MI re-seeds k-means
     phone_clusters: int = 500
     word_clusters: int = 5000
     mi_max_iter: int = 500
@@ -44,6 +45,8 @@ class AnalysisConfig:
             raise ValueError("at least one probe is needed")
         if self.n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.n_seeds < 1:
+            raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -100,7 +103,7 @@ class AnalysisConfig:
             kw["metrics"] = (cca.pop("metric"),)
         if "metrics" in cca:
             kw["metrics"] = tuple(cca.pop("metrics"))
-        _take(cca, kw, {"n_trials": "n_trials"}, "cca")
+        _take(cca, kw, {"n_trials": "n_trials", "n_seeds": "n_seeds"}, "cca")
         _take(dict(data.get("mi", {})), kw, {"phone_clusters": "phone_clusters",
                                              "word_clusters": "word_clusters",
                                              "max_iter": "mi_max_iter"}, "mi")

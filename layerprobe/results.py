@@ -4,7 +4,11 @@ Every plot and comparison reads this format. A file looks like::
 
     {"format": "layerprobe-results-v1",
      "results": [{"model": ..., "label": ..., "corpus": ..., "probe": "word", "metric": "pwcca",
-                  "layers": [0, 1, ...], "scores": [...], "details": {...}, "meta": {...}}, ...]}
+                  "layers": [0, 1, ...], "scores": [...], "std": [...], "details": {...},
+                  "meta": {...}}, ...]}
+
+``std`` (optional) is the per-layer spread of the score: the standard deviation over seeds
+(re-dealt splits for CCA metrics, k-means seeds for MI); ``details["spread"]`` says what varied.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Result:
     scores: list[float]
     details: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    std: list[float] | None = None  # per layer: spread over seeds (see details["spread"])
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.scores):
@@ -48,6 +53,13 @@ class Result:
                 f"result {self.label!r} ({self.probe}/{self.metric}): "
                 f"non-finite score at layers {bad}"
             )
+        if self.std is not None:
+            if len(self.std) != len(self.scores):
+                raise ValueError(f"result {self.label!r} ({self.probe}/{self.metric}): "
+                                 f"{len(self.std)} std values for {len(self.scores)} scores")
+            if not all(math.isfinite(s) and s >= 0 for s in self.std):
+                raise ValueError(f"result {self.label!r} ({self.probe}/{self.metric}): std "
+                                 "must be finite and >= 0")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -73,6 +85,7 @@ class Result:
             scores=[float(v) for v in data["scores"]],
             details=dict(data.get("details", {})),
             meta=dict(data.get("meta", {})),
+            std=None if data.get("std") is None else [float(v) for v in data["std"]],
         )
 
 
