@@ -64,18 +64,20 @@ import torch
 from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
 
 __all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
-           "cca_score_moments", "pwcca", "cca_similarity"]
+           "cca_score_moments", "pwcca", "cca_similarity", "null_basis", "shard_groups"]
 
 EPS_GRID: tuple[float, ...] = (1e-10, 1e-11, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
 N_PAIRS = 6  # eps pairs kept per trial (the first that work)
 RCOND = 1e-15  # numpy.linalg.pinv's default cut-off
 DEAD_TOL = 1e-11  # variate variance / (|direction|^2 max|C|) at or below which rho := 0
+NULL_TOL = 1e-12  # eigenvalue / max|S| of a fit set's covariance at or below which it is null
 DEPENDENT_TOL = 1e-10  # PWCCA weights: a variate whose Gram-Schmidt residual norm² is at most this
 #                        fraction of its norm² is dependent on the earlier ones and gets weight 0
 SVCCA_VARIANCE = 0.99
 SIGN_CONVENTION = ("each canonical pair is flipped so that the largest-|.| entry of its X-view "
-                   "direction (row of proj_x over kept dimensions) is positive")
+                   "loadings (train covariance of each kept X dimension with the variate) is "
+                   "positive")
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,11 @@ class CCAResult:
     metric: str
     scores: list[float]
     details: dict = field(default_factory=dict)
+    std: list[float] | None = None  # per layer, over split seeds (None with one seed)
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "scores": [float(s) for s in self.scores],
-                "details": self.details}
+                "std": self.std, "details": self.details}
 
 
 # ---------------------------------------------------------------------------- fitting
@@ -125,8 +128,62 @@ def _inv_sqrt_diag(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     return d, bad
 
 
+def null_basis(s: torch.Tensor, *, tol: float = NULL_TOL, iterations: int = 3,
+               block: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the numerical null spaces of symmetric PSD matrices ``s [g, d, d]``.
+
+    A direction is null when its Rayleigh quotient is at most ``tol * max|s|`` (rounding level:
+    e.g. the normal of the hyperplane every LayerNorm output lies on, ~3e-15 relative in float32
+    features). Found by block inverse iteration through one Cholesky factor of ``s + shift I``
+    (shift 1e-10 max|s|, far above rounding, far below any real variance), then Rayleigh-Ritz on
+    the block; the block doubles while all of it is null. Returns ``basis [g, d, r]`` (columns
+    past a layer's own count are zero) and ``count [g]``.
+    """
+    if s.ndim != 3 or s.shape[-1] != s.shape[-2]:
+        raise ValueError(f"null_basis: expected [g, d, d], got {tuple(s.shape)}")
+    g, d, _ = s.shape
+    scale = s.abs().amax(dim=(-2, -1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    eye = torch.eye(d, dtype=s.dtype, device=s.device)
+    shift = 1e-10 * scale
+    chol, info = torch.linalg.cholesky_ex(s + shift[:, None, None] * eye)
+    for _ in range(4):  # rounding made s indefinite beyond the shift: grow it where it failed
+        if not bool((info != 0).any()):
+            break
+        shift = torch.where(info != 0, shift * 100, shift)
+        chol, info = torch.linalg.cholesky_ex(s + shift[:, None, None] * eye)
+    gen = torch.Generator().manual_seed(0)
+    m = min(block, d)
+    while True:
+        r = torch.randn(d, m, generator=gen, dtype=s.dtype).to(s.device).expand(g, d, m)
+        for _ in range(iterations):
+            r = torch.linalg.qr(torch.cholesky_solve(r, chol)).Q
+        t = r.mT @ s @ r
+        theta, w = torch.linalg.eigh(0.5 * (t + t.mT))
+        count = ((theta <= tol * scale[:, None]) & (info == 0)[:, None]).sum(-1)
+        if int(count.max()) < m or m == d:
+            break
+        m = min(2 * m, d)
+    rmax = int(count.max())
+    keep = torch.arange(rmax, device=s.device)[None, :] < count[:, None]
+    return (r @ w)[:, :, :rmax] * keep[:, None, :].to(s.dtype), count
+
+
+def _remove(a: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``a (I - N N^T)``: the rows of a without their components along basis N [..., d, r]."""
+    if basis.shape[-1] == 0:
+        return a
+    return a - (a @ basis) @ basis.mT
+
+
 class _Factors:
-    """Scaled covariances of a fit set and eigendecompositions shared by every eps."""
+    """Scaled covariances of a fit set, deflated of their null directions, and the
+    factorisations shared by every eps.
+
+    Deflation: a direction that is null in the fit set's covariance (rounding level) carries no
+    cross-covariance in exact arithmetic, but its rounding noise, whitened by 1/sqrt(eps), would
+    enter every canonical direction. It is projected out of Sxx, Sxy and Syy, so its eigenvalue
+    is exactly eps and its cross-covariance exactly 0: the exact-arithmetic limit of the fit."""
 
     def __init__(self, train: CentredStats):
         n = train.n
@@ -142,62 +199,85 @@ class _Factors:
         self.sxy = cxy / torch.sqrt(sx * sy)[:, None, None]
         self.diag_x = torch.diagonal(self.sxx, dim1=-2, dim2=-1).abs()  # [L, dx]
         self.diag_y = torch.diagonal(self.syy).abs()  # [dy]
+        self._x: dict = {}
+        self._y: dict = {}
+        self._xy: dict = {}
         self._eig_x: dict = {}
-        self._eig_y: dict = {}
-        self._vtsxy: dict = {}
-        self._bxy: dict = {}
+        self._white: dict = {}
 
-    def _eig_y_for(self, mask_y: torch.Tensor):
-        key = mask_y.cpu().numpy().tobytes()
-        if key not in self._eig_y:
+    @staticmethod
+    def _key(mask: torch.Tensor) -> bytes:
+        return mask.cpu().numpy().tobytes()
+
+    def _x_block(self, layers: list[int], mask_x: torch.Tensor):
+        """Deflated kept block of Sxx [g, kx, kx], its null basis [g, kx, r] and null count."""
+        key = (self._key(mask_x), tuple(layers))
+        if key not in self._x:
+            idx = torch.as_tensor(layers, device=self.sxx.device)
+            sub = self.sxx.index_select(0, idx)
+            if not bool(mask_x.all()):
+                sub = sub[:, mask_x][:, :, mask_x]
+            basis, count = null_basis(sub)
+            if basis.shape[-1]:
+                sub = _remove(_remove(sub, basis).mT, basis)
+                sub = 0.5 * (sub + sub.mT)
+            self._x[key] = (sub, basis, count)
+        return self._x[key]
+
+    def _y_block(self, mask_y: torch.Tensor):
+        """Deflated kept block of Syy, its null basis, null count and eigh (shared by every
+        eps)."""
+        key = self._key(mask_y)
+        if key not in self._y:
             sub = self.syy[mask_y][:, mask_y]
-            self._eig_y[key] = torch.linalg.eigh(sub)
-        return key, self._eig_y[key]
+            basis, count = null_basis(sub[None])
+            basis, count = basis[0], int(count[0])
+            if basis.shape[-1]:
+                sub = _remove(_remove(sub, basis).T, basis)
+                sub = 0.5 * (sub + sub.T)
+            self._y[key] = (sub, basis, count, torch.linalg.eigh(sub))
+        return self._y[key]
 
-    def _sub_x(self, layers: list[int], mask_x: torch.Tensor):
-        idx = torch.as_tensor(layers, device=self.sxx.device)
-        sub = self.sxx.index_select(0, idx)
-        return sub if bool(mask_x.all()) else sub[:, mask_x][:, :, mask_x]
-
-    def _sxy_sub(self, layers, mask_x, mask_y):
-        sxy = self.sxy.index_select(0, torch.as_tensor(layers, device=self.sxy.device))
-        if not bool(mask_x.all()):
-            sxy = sxy[:, mask_x]
-        return sxy if bool(mask_y.all()) else sxy[:, :, mask_y]
+    def _cross(self, layers: list[int], mask_x: torch.Tensor, mask_y: torch.Tensor):
+        """Deflated kept block of Sxy [g, kx, ky]."""
+        key = (self._key(mask_x), tuple(layers), self._key(mask_y))
+        if key not in self._xy:
+            sxy = self.sxy.index_select(0, torch.as_tensor(layers, device=self.sxy.device))
+            if not bool(mask_x.all()):
+                sxy = sxy[:, mask_x]
+            if not bool(mask_y.all()):
+                sxy = sxy[:, :, mask_y]
+            _, bx, _ = self._x_block(layers, mask_x)
+            _, by, _, _ = self._y_block(mask_y)
+            self._xy[key] = _remove(_remove(sxy.mT, bx).mT, by)
+        return self._xy[key]
 
     def _white_x(self, layers: list[int], mask_x: torch.Tensor, eps_x: float, mask_y):
         """X-view whitening for one eps: ``("chol", L)`` with ``L L^T = Sxx + eps I`` when eps is
         far above pinv's cut-off (then pinv = inverse) and Cholesky succeeds, else
         ``("eig", V, d)`` from one cached eigh. Also ``K = W^T Sxy`` and a failure flag [g]."""
         kx = int(mask_x.sum())
-        xkey = (mask_x.cpu().numpy().tobytes(), tuple(layers))
-        ykey = mask_y.cpu().numpy().tobytes()
-        key = (xkey, eps_x, ykey)
-        if key in self._bxy:
-            return self._bxy[key]
-        sub = None
+        xkey = (self._key(mask_x), tuple(layers))
+        key = (xkey, eps_x, self._key(mask_y))
+        if key in self._white:
+            return self._white[key]
+        sxx, _, _ = self._x_block(layers, mask_x)
+        sxy = self._cross(layers, mask_x, mask_y)
         if eps_x > 10 * RCOND * kx:
-            sub = self._sub_x(layers, mask_x)
-            sub.diagonal(dim1=-2, dim2=-1).add_(eps_x)
-            chol, info = torch.linalg.cholesky_ex(sub)
+            chol, info = torch.linalg.cholesky_ex(
+                sxx + eps_x * torch.eye(kx, dtype=sxx.dtype, device=sxx.device))
             if bool((info == 0).all()):
-                k = torch.linalg.solve_triangular(chol, self._sxy_sub(layers, mask_x, mask_y),
-                                                  upper=False)
+                k = torch.linalg.solve_triangular(chol, sxy, upper=False)
                 bad = ~torch.isfinite(k).flatten(1).all(dim=1)
-                self._bxy[key] = (("chol", chol), k, bad)
-                return self._bxy[key]
+                self._white[key] = (("chol", chol), k, bad)
+                return self._white[key]
         if xkey not in self._eig_x:
-            self._eig_x[xkey] = torch.linalg.eigh(self._sub_x(layers, mask_x))
-            self._vtsxy[(xkey, ykey)] = self._eig_x[xkey][1].mT @ \
-                self._sxy_sub(layers, mask_x, mask_y)
-        if (xkey, ykey) not in self._vtsxy:
-            self._vtsxy[(xkey, ykey)] = self._eig_x[xkey][1].mT @ \
-                self._sxy_sub(layers, mask_x, mask_y)
+            self._eig_x[xkey] = torch.linalg.eigh(sxx)
         w, v = self._eig_x[xkey]
         d, bad = _inv_sqrt_diag(w, eps_x)
-        k = d[:, :, None] * self._vtsxy[(xkey, ykey)]
-        self._bxy[key] = (("eig", v, d), k, bad)
-        return self._bxy[key]
+        k = d[:, :, None] * (v.mT @ sxy)
+        self._white[key] = (("eig", v, d), k, bad)
+        return self._white[key]
 
     def fit(self, eps_x: float, eps_y: float, layers: Sequence[int]) -> list[_Fit]:
         """Projections for one eps pair, grouped by identical kept-dimension masks."""
@@ -221,7 +301,8 @@ class _Factors:
             return _Fit(layers, (eps_x, eps_y), mask_x, mask_y, empty, empty,
                         torch.zeros(g, dtype=torch.bool, device=dev), [why] * g)
         white, kmat, bad_x = self._white_x(layers, mask_x, eps_x, mask_y)
-        _, (wy, vy) = self._eig_y_for(mask_y)
+        sxx, null_x, count_x = self._x_block(layers, mask_x)
+        _, null_y, count_y, (wy, vy) = self._y_block(mask_y)
         dyi, bad_y = _inv_sqrt_diag(wy, eps_y)
         m = kmat @ (vy * dyi[None, :])  # whitened cross-covariance W_x^T Sxy W_y [g, kx, ky]
         bad = bad_x | bool(bad_y) | self.bad_scale.index_select(0, idx) \
@@ -242,9 +323,20 @@ class _Factors:
             _, v, d = white
             proj_x = (u.mT * d[:, None, :]) @ v.mT  # U^T diag(d) V^T
         proj_y = (vh * dyi[None, None, :]) @ vy.T  # [g, k, ky]
-        # deterministic sign: largest-|.| entry of each X-view direction positive
-        top = proj_x.abs().argmax(dim=-1, keepdim=True)
-        sign = torch.sign(torch.gather(proj_x, -1, top))
+        # exact-arithmetic limit: no canonical direction has a component along a null direction,
+        # and pairs beyond the rank left by the null directions (structural zero correlations,
+        # e.g. the sum of centred one-hot columns) are zero rows: their variates are exactly 0
+        proj_x, proj_y = _remove(proj_x, null_x), _remove(proj_y, null_y)
+        k = proj_x.shape[1]
+        rank = torch.minimum(kx - count_x, torch.full_like(count_x, ky - count_y))
+        live = (torch.arange(k, device=dev)[None, :] < rank[:, None]).to(proj_x.dtype)
+        proj_x, proj_y = proj_x * live[:, :, None], proj_y * live[:, :, None]
+        # deterministic sign from the loadings (covariance of each kept X dimension with the
+        # variate): its largest-|.| entry is positive. Loadings do not see null directions, so
+        # rounding noise cannot flip a pair (raw coefficients can).
+        loadings = proj_x @ sxx
+        top = loadings.abs().argmax(dim=-1, keepdim=True)
+        sign = torch.sign(torch.gather(loadings, -1, top))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         proj_x, proj_y = proj_x * sign, proj_y * sign
         bad = bad | ~(torch.isfinite(proj_x).flatten(1).all(1) & torch.isfinite(proj_y).flatten(1)
@@ -452,9 +544,10 @@ def pwcca(x, y, *, eps=(0.0, 0.0), fit=None) -> float | np.ndarray:
 def assign_splits(n: int, *, labels=None, n_splits: int = 10, seed: int = 0) -> np.ndarray:
     """Split ids ``[n]`` in ``[0, n_splits)``, seeded.
 
-    Each label's items (or all items, without labels) are shuffled and dealt into consecutive
-    folds from a random starting fold, so every label is spread over the folds as evenly as
-    possible (per-fold counts of a label differ by at most one).
+    Each label's items (or all items, without labels) are shuffled and dealt cyclically into
+    consecutive folds from a random starting fold, so every label is spread over the folds as
+    evenly as possible (per-fold counts of a label differ by at most one), also over the folds
+    ``id % m`` for any m dividing ``n_splits`` (shards dealt into splits, see shard_groups).
     """
     if n_splits < 2:
         raise ValueError(f"assign_splits: n_splits must be >= 2, got {n_splits}")
@@ -467,7 +560,7 @@ def assign_splits(n: int, *, labels=None, n_splits: int = 10, seed: int = 0) -> 
         idx = np.flatnonzero(lab == label)
         idx = idx[rng.permutation(len(idx))]
         first = int(rng.integers(n_splits))
-        split[idx] = (first + np.arange(len(idx)) * n_splits // max(len(idx), n_splits)) % n_splits
+        split[idx] = (first + np.arange(len(idx))) % n_splits
     return split
 
 
@@ -487,6 +580,28 @@ def _candidates(n_splits: int, eps_grid: Sequence[float], seed: int):
             [rest[k] for k in rng.permutation(len(rest))]
         out.append((dev, test, pairs))
     return out
+
+
+def shard_groups(n_shards: int, n_splits: int, seed_index: int, seed: int = 0
+                 ) -> list[list[int]]:
+    """The shards of each split for one split seed: ``groups[j]`` lists split j's shards.
+
+    Shards come in blocks of ``n_splits`` consecutive ids, and each block gives one shard to
+    every split. Seed index 0 gives shard ``s`` to split ``s % n_splits`` (items dealt into
+    consecutive shards, as :func:`assign_splits` deals them, are then stratified exactly as if
+    dealt into the splits); every other seed index permutes each block independently (seeded), so
+    splits are re-dealt unions of shards and no item is seen twice.
+    """
+    if n_splits < 2 or n_shards < n_splits or n_shards % n_splits:
+        raise ValueError(f"shard_groups: {n_shards} shards cannot be dealt into {n_splits} "
+                         f"splits (need a multiple of n_splits)")
+    groups: list[list[int]] = [[] for _ in range(n_splits)]
+    rng = np.random.default_rng([seed, seed_index])
+    for block in range(n_shards // n_splits):
+        order = np.arange(n_splits) if seed_index == 0 else rng.permutation(n_splits)
+        for split, offset in enumerate(order.tolist()):
+            groups[split].append(block * n_splits + offset)
+    return groups
 
 
 def _stats_to(stats: CentredStats, device) -> CentredStats:
@@ -593,28 +708,66 @@ def _cka_trial(test: CentredStats) -> list[dict]:
 
 
 def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID, seed: int = 0,
-                      metric: str = "pwcca", device=None, n_pairs: int = N_PAIRS) -> CCAResult:
+                      metric: str = "pwcca", device=None, n_pairs: int = N_PAIRS,
+                      n_splits: int | None = None, n_seeds: int = 1) -> CCAResult:
     """The held-out protocol on accumulated moments, all layers at once.
 
     Trials take disjoint (dev, test) split pairs (drawn from ``seed``) and fit on the other
     splits; the first ``n_pairs`` eps pairs that work (first-three-values block first, each block
-    shuffled) are fitted, the best on dev is scored on test; score = mean test score over trials.
+    shuffled) are fitted, the best on dev is scored on test; a seed's score = mean test score
+    over trials.
+
+    The moments' slots are shards: ``n_splits`` (default: one shard per split) splits are unions
+    of shards (:func:`shard_groups`). With ``n_seeds`` > 1 the protocol runs once per seed on
+    re-dealt splits (needs at least 2 shards per split); scores are the mean over seeds and
+    ``std`` their standard deviation (ddof 1), the protocol's own sampling spread.
     """
     if metric not in METRICS:
         raise ValueError(f"cca_score_moments: metric must be one of {METRICS}, got {metric!r}")
+    n_splits = moments.n_splits if n_splits is None else int(n_splits)
+    if n_seeds < 1:
+        raise ValueError(f"cca_score_moments: n_seeds must be >= 1, got {n_seeds}")
+    if n_seeds > 1 and moments.n_splits < 2 * n_splits:
+        raise ValueError(f"cca_score_moments: {n_seeds} split seeds need at least 2 shards per "
+                         f"split; the moments have {moments.n_splits} slots for {n_splits} "
+                         "splits")
     on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
+    runs = []
     with _cpu_threads(1 if on_cpu else None):
-        return _protocol(moments, n_trials, eps_grid, seed, metric, device, n_pairs)
+        for index in range(n_seeds):
+            groups = shard_groups(moments.n_splits, n_splits, index, seed)
+            runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
+                                  device, n_pairs))
+    if n_seeds == 1:
+        return runs[0]
+    per_seed = np.array([r.scores for r in runs])  # [n_seeds, L]
+    pooled = [[t for r in runs for t in r.details["test_scores"][layer]]
+              for layer in range(moments.n_layers)]
+    details = {**runs[0].details,
+               "spread": f"std over {n_seeds} split seeds (re-dealt shards, ddof 1)",
+               "seed_scores": per_seed.tolist(),
+               "std_trials": [float(np.std(t, ddof=1)) if len(t) > 1 else 0.0 for t in pooled],
+               "seeds": [{"seed": seed + i, "chosen_eps": r.details["chosen_eps"],
+                          "test_scores": r.details["test_scores"]}
+                         for i, r in enumerate(runs)]}
+    return CCAResult(metric=metric, scores=per_seed.mean(0).tolist(), details=details,
+                     std=per_seed.std(0, ddof=1).tolist())
 
 
-def _protocol(moments: Moments, n_trials, eps_grid, seed, metric, device, n_pairs) -> CCAResult:
-    S, L = moments.n_splits, moments.n_layers
+def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, seed, metric,
+              device, n_pairs) -> CCAResult:
+    S, L = len(groups), moments.n_layers
     if n_trials < 1 or 2 * n_trials > S:
         raise ValueError(f"cca_score_moments: n_trials={n_trials} needs at least {2 * n_trials} "
                          f"splits, the moments have {S}")
     if len(eps_grid) == 0 and metric != "cka":
         raise ValueError("cca_score_moments: eps_grid is empty")
-    counts = moments.counts
+    shard_counts = moments.counts
+    counts = [sum(shard_counts[sh] for sh in group) for group in groups]
+
+    def centred(splits: list[int]) -> CentredStats:
+        return _stats_to(moments.centred([sh for j in splits for sh in groups[j]]), device)
+
     trials: list[list[dict]] = [[] for _ in range(L)]
     skipped: list[list[dict]] = [[] for _ in range(L)]
     for dev_s, test_s, pairs in _candidates(S, eps_grid, seed):
@@ -630,12 +783,12 @@ def _protocol(moments: Moments, n_trials, eps_grid, seed, metric, device, n_pair
         for s, name in ((dev_s, "dev"), (test_s, "test")):
             if counts[s] < 2:
                 raise ValueError(f"cca: {name} split {s} holds {counts[s]} item(s); need >= 2")
-        test = _stats_to(moments.centred([test_s]), device).layer(todo)
+        test = centred([test_s]).layer(todo)
         if metric == "cka":
             recs = _cka_trial(test)
         else:
-            train = _stats_to(moments.centred(train_s), device).layer(todo)
-            dev = _stats_to(moments.centred([dev_s]), device).layer(todo)
+            train = centred(train_s).layer(todo)
+            dev = centred([dev_s]).layer(todo)
             if metric == "svcca":
                 recs = _svcca_trial(train, dev, test, pairs, n_pairs)
             else:
@@ -659,6 +812,7 @@ def _protocol(moments: Moments, n_trials, eps_grid, seed, metric, device, n_pair
                                  "pwcca-centred": "centred variates and dimensions"}.get(metric),
                      "svcca_variance": SVCCA_VARIANCE if metric == "svcca" else None},
         "n_per_split": counts,
+        "n_shards": moments.n_splits,
         "trials": trials,
         "skipped_trials": skipped,
         "test_scores": [[r["test_score"] for r in t] for t in trials],
@@ -670,22 +824,29 @@ def _protocol(moments: Moments, n_trials, eps_grid, seed, metric, device, n_pair
 
 def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_grid=EPS_GRID,
               seed: int = 0, device=None, metric: str = "pwcca", split=None,
-              chunk_rows: int = 8192) -> CCAResult:
-    """Held-out protocol on arrays: x ``[L, n, dx]`` or ``[n, dx]``, y ``[n, dy]``; splits given
-    as ``split`` ``[n]`` ids, or from :func:`assign_splits` (stratified by ``labels`` if given)."""
+              chunk_rows: int = 8192, n_seeds: int = 1, shards_per_split: int | None = None
+              ) -> CCAResult:
+    """Held-out protocol on arrays: x ``[L, n, dx]`` or ``[n, dx]``, y ``[n, dy]``.
+
+    Items are dealt into ``n_splits * shards_per_split`` shards by :func:`assign_splits`
+    (stratified by ``labels`` if given), or given as ``split`` (shard) ids in that range; with
+    ``n_seeds`` > 1 (default 2 shards per split then) the spread over re-dealt splits is
+    reported as ``std``."""
     xs, _ = _as_layered(x, name="x")
     ys = as_tensor(y, name="y")
     L, n, dx = xs.shape
     if ys.ndim != 2 or ys.shape[0] != n:
         raise ValueError(f"cca_score: y must be [{n}, dy], got {tuple(ys.shape)}")
+    if shards_per_split is None:
+        shards_per_split = 1 if n_seeds == 1 else 2
     if split is None:
-        split = assign_splits(n, labels=labels, n_splits=n_splits, seed=seed)
+        split = assign_splits(n, labels=labels, n_splits=n_splits * shards_per_split, seed=seed)
     split = torch.as_tensor(np.asarray(split), dtype=torch.int64)
     if split.shape != (n,):
         raise ValueError(f"cca_score: split must be [{n}], got {tuple(split.shape)}")
-    mom = Moments.empty(L, dx, ys.shape[1], n_splits, device=device)
+    mom = Moments.empty(L, dx, ys.shape[1], n_splits * shards_per_split, device=device)
     for start in range(0, n, chunk_rows):
         sl = slice(start, start + chunk_rows)
         mom.update(xs[:, sl], ys[sl], split[sl])
     return cca_score_moments(mom, n_trials=n_trials, eps_grid=eps_grid, seed=seed, metric=metric,
-                             device=device)
+                             device=device, n_splits=n_splits, n_seeds=n_seeds)

@@ -10,8 +10,11 @@ model feeds every probe and every layer (:func:`pool_spans`).
 - ``phone``: middle third of each phone segment, one-hot over the 39 ARPAbet phones.
 - ``word``: whole word segments, one-hot over the ``word_vocab`` most frequent training words.
 - ``word-embedding``: whole word segments, targets from a GloVe-format text file.
-Segment items are capped per class (seeded sample) and split into ``n_splits`` folds stratified by
-label (each class's shuffled items dealt into consecutive folds from a seeded random start).
+Segment items are capped per class (seeded sample) and dealt into ``n_splits * shards_per_split``
+shards stratified by label (each class's shuffled items dealt into consecutive shards from a seeded
+random start); split ``s % n_splits`` of shard ``s`` is the plain stratified split, and other split
+seeds re-deal whole shards (:func:`layerprobe.cca.shard_groups`), so the protocol's spread over
+seeds needs no second forward pass.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class ProbeConfig:
     word_vocab: int = 500
     fbank_max_utterances: int = 500
     n_splits: int = 10
+    shards_per_split: int = 2  # split seeds re-deal shards: >= 2 for a spread over seeds
     seed: int = 0
     word_embeddings: Path | None = None
 
@@ -57,8 +61,16 @@ class ProbeConfig:
         if self.n_splits < 3:
             raise ValueError(f"[probes] n_splits must be >= 3 (train, dev, test), got "
                              f"{self.n_splits}")
+        if self.shards_per_split < 1:
+            raise ValueError(f"[probes] shards_per_split must be >= 1, got "
+                             f"{self.shards_per_split}")
         if self.word_embeddings is not None and not isinstance(self.word_embeddings, Path):
             object.__setattr__(self, "word_embeddings", Path(self.word_embeddings))
+
+    @property
+    def n_shards(self) -> int:
+        """Accumulator slots per probe: ``n_splits * shards_per_split``."""
+        return self.n_splits * self.shards_per_split
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProbeConfig:
@@ -82,7 +94,7 @@ class UtteranceTargets:
     spans: torch.Tensor  # [n_items, 2] int64 (start, end) in model frames, end exclusive
     y: torch.Tensor  # [n_items, dy] float32
     labels: torch.Tensor  # [n_items] int64 class id, -1 for frame-level probes
-    split: torch.Tensor  # [n_items] int64 in [0, n_splits)
+    split: torch.Tensor  # [n_items] int64 shard id in [0, n_shards); seed-0 split: id % n_splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +227,7 @@ def _empty(dy: int) -> UtteranceTargets:
 class FbankProbe(Probe):
     def __init__(self, n_utterances: int, config: ProbeConfig) -> None:
         self.name, self.level, self.dy, self.classes = "fbank", "frame", FBANK_DIM, ()
-        self.n_splits = config.n_splits
+        self.n_shards = config.n_shards
         self.seed = config.seed
         rng = np.random.default_rng([config.seed, 1])
         k = min(config.fbank_max_utterances, n_utterances)
@@ -229,7 +241,7 @@ class FbankProbe(Probe):
         idx = fbank_frame_indices(n_frames, frame_rate, fb.shape[0])
         t = torch.arange(idx.shape[0], dtype=torch.int64)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + utt_index)
-        split = torch.randint(self.n_splits, (t.shape[0],), generator=gen)
+        split = torch.randint(self.n_shards, (t.shape[0],), generator=gen)
         return UtteranceTargets(torch.stack([t, t + 1], 1), fb[idx],
                                 torch.full_like(t, -1), split)
 
@@ -279,7 +291,7 @@ def _train_utterances(corpus: Corpus) -> list[int]:
 def _sample_segments(corpus: Corpus, tokens: Sequence[Sequence[tuple[Segment, int]]],
                      n_classes: int, cap: int, config: ProbeConfig,
                      salt: int) -> list[list[_Item]]:
-    """Cap each class at ``cap`` tokens (seeded), assign stratified splits; items per utterance."""
+    """Cap each class at ``cap`` tokens (seeded), deal stratified shards; items per utterance."""
     flat = [(u, seg, label) for u, toks in enumerate(tokens) for seg, label in toks]
     labels = np.array([f[2] for f in flat], dtype=np.int64)
     rng = np.random.default_rng([config.seed, salt])
@@ -288,7 +300,7 @@ def _sample_segments(corpus: Corpus, tokens: Sequence[Sequence[tuple[Segment, in
         idx = np.flatnonzero(labels == c)
         chosen.append(idx if len(idx) <= cap else np.sort(rng.choice(idx, cap, replace=False)))
     keep = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-    split = assign_splits(len(keep), labels=labels[keep], n_splits=config.n_splits,
+    split = assign_splits(len(keep), labels=labels[keep], n_splits=config.n_shards,
                           seed=config.seed + salt)
     out: list[list[_Item]] = [[] for _ in tokens]
     for k, s in zip(keep.tolist(), split.tolist(), strict=True):

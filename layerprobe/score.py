@@ -97,6 +97,7 @@ def score_model(
     want_mi = "mi" in config.metrics
     cca_metrics = [m for m in config.metrics if m in CCA_METRICS]
     n_splits = config.probe_config.n_splits
+    n_shards = config.probe_config.n_shards
 
     pending: dict[int, dict[str, UtteranceTargets]] = {}
     audio_seconds = 0.0
@@ -143,7 +144,7 @@ def score_model(
         n_utterances += 1
         tic = time.perf_counter()
         for name, targets in pending.pop(index).items():
-            _accumulate(states[name], hidden, targets, n_splits, want_mi,
+            _accumulate(states[name], hidden, targets, n_shards, want_mi,
                         utterance=corpus.utterances[index].id)
         _synchronize(device)
         timings["statistics"] += time.perf_counter() - tic
@@ -185,10 +186,12 @@ def score_model(
                 else:
                     assert state.moments is not None
                     cca = cca_score_moments(state.moments, n_trials=config.n_trials,
-                                            seed=config.seed, metric=metric, device=device)
+                                            seed=config.seed, metric=metric, device=device,
+                                            n_splits=n_splits, n_seeds=config.n_seeds)
                     results.append(Result(
                         model=model_spec, label=label, corpus=corpus.name, probe=name,
                         metric=metric, layers=layers, scores=[float(s) for s in cca.scores],
+                        std=cca.std,
                         details={**cca.details, "n_items": state.n_items},
                         meta={**meta, "seconds": round(time.time() - started, 3)},
                     ))
@@ -254,7 +257,7 @@ def _mi_result(
     features = torch.cat(state.mi_features, dim=1).numpy()
     labels = torch.cat(state.mi_labels).numpy()
     split = torch.cat(state.mi_splits).numpy()
-    train = split < n_splits - MI_HELD_OUT_SPLITS
+    train = split % n_splits < n_splits - MI_HELD_OUT_SPLITS
     name = state.probe.name
     n_clusters = config.word_clusters if name.startswith("word") else config.phone_clusters
     n_held_out = int((~train).sum())

@@ -1,10 +1,13 @@
 """The CCA engine against a plain float64 numpy port of the reference CCA class.
 
 The oracle below follows the algorithm step by step on the raw data (np.cov, scaling, pruning,
-ridge, pinv, eigh inverse square root, full SVD, QR weights). Two documented rules are shared
-with the engine: the sign convention (each canonical pair flipped so that the largest-|.| entry of
-its X-view direction is positive) and dead directions (variate variance <= TOL |direction|^2
-max|C| on the scored set: rho = 0).
+ridge, pinv, eigh inverse square root, full SVD, QR weights). The documented rules shared with
+the engine: null directions of the fit set's scaled covariances (eigenvalue <= 1e-12 max|S|) are
+projected out of the covariances and the projections, and pairs beyond the rank they leave are
+zero rows (the exact-arithmetic limit); the sign convention (each canonical pair flipped so that
+the largest-|.| entry of its X-view loadings ``px @ Sxx`` is positive); dead directions (variate
+variance <= TOL |direction|^2 max|C| on the scored set: rho = 0). The oracle finds null
+directions with a full eigh; the engine by inverse iteration.
 """
 
 from __future__ import annotations
@@ -61,17 +64,28 @@ def ref_fit(x: np.ndarray, y: np.ndarray, ex: float, ey: float, inv_sqrt=_inv_sq
     sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
     xi = np.abs(np.diag(sxx)) >= ex
     yi = np.abs(np.diag(syy)) >= ey
-    sxx = sxx[xi][:, xi] + ex * np.eye(xi.sum())
-    syy = syy[yi][:, yi] + ey * np.eye(yi.sum())
-    sxy = sxy[xi][:, yi]
-    ixx, iyy = inv_sqrt(sxx), inv_sqrt(syy)
+    sxx, syy, sxy = sxx[xi][:, xi], syy[yi][:, yi], sxy[xi][:, yi]
+    nx, ny = _null(sxx), _null(syy)
+    px_, py_ = np.eye(len(sxx)) - nx @ nx.T, np.eye(len(syy)) - ny @ ny.T
+    sxx, syy, sxy = px_ @ sxx @ px_, py_ @ syy @ py_, px_ @ sxy @ py_
+    ixx, iyy = inv_sqrt(sxx + ex * np.eye(xi.sum())), inv_sqrt(syy + ey * np.eye(yi.sum()))
     u, _, vh = np.linalg.svd(ixx @ sxy @ iyy)
-    px, py = u.T @ ixx, vh @ iyy
+    px, py = u.T @ ixx @ px_, vh @ iyy @ py_
     k = min(len(px), len(py))
-    for i in range(k):  # sign convention
-        if px[i, np.argmax(np.abs(px[i]))] < 0:
+    px, py = px[:k], py[:k]
+    rank = min(len(sxx) - nx.shape[1], len(syy) - ny.shape[1])
+    px[rank:], py[rank:] = 0.0, 0.0
+    for i in range(k):  # sign convention (loadings)
+        load = px[i] @ sxx
+        if load[np.argmax(np.abs(load))] < 0:
             px[i], py[i] = -px[i], -py[i]
     return px, py, xi, yi
+
+
+def _null(s: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+    """Columns: eigenvectors of s whose eigenvalue is <= tol max|s| (rounding level)."""
+    w, v = np.linalg.eigh(s)
+    return v[:, w <= tol * np.abs(s).max()]
 
 
 def ref_score(fit, x: np.ndarray, y: np.ndarray, metric: str = "pwcca") -> float:
@@ -89,7 +103,7 @@ def ref_score(fit, x: np.ndarray, y: np.ndarray, metric: str = "pwcca") -> float
     rho = np.where(dead, 0.0, (p1 * p2).sum(1) / np.sqrt(np.where(dead, 1.0, v1 * v2)))
     if metric == "mean-cca":
         return float(rho.mean())
-    view, means, p, dw = (xv, mx, p1, d1) if len(px) < len(py) else (yv, my, p2, d2)
+    view, means, p, dw = (xv, mx, p1, d1) if xi.sum() < yi.sum() else (yv, my, p2, d2)
     w = np.zeros(k)
     if metric == "pwcca":
         q, _ = np.linalg.qr((p + means[:k]).T)
@@ -180,12 +194,11 @@ def test_one_hot_targets_and_dead_direction():
         literal = ref_pwcca(x[2400:], y[2400:], (1e-10, 1e-10), fit=fit, metric=metric,
                             inv_sqrt=_inv_sqrt_literal)
         close(got, literal, rtol=1e-4)  # the literal pinv->eigh path is itself noisy here
-    # the centred one-hot view has a dead direction: the engine must not use its noise
+    # the centred one-hot view has a null direction (its columns sum to 1): it is projected out,
+    # so exactly one canonical pair is a structural zero (zero rows), not rounding noise
     px, py, xi, yi = ref_fit(*fit, 1e-10, 1e-10)
-    yv = y[2400:].T[yi]
-    p2 = py[: min(len(px), len(py))] @ (yv - yv.mean(1, keepdims=True))
-    var = (p2 * p2).sum(1) / (py[: len(p2)] ** 2).sum(1)
-    assert (var <= 1e-15 * var.max()).sum() == 1  # exactly one direction is numerically dead
+    assert (np.abs(py).sum(1) == 0).sum() == 1 and (np.abs(px).sum(1) == 0).sum() == 1
+    assert _null(np.cov(fit[1].T[yi])).shape[1] == 1
 
 
 def test_batched_layers_equal_per_layer():

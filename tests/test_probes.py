@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerprobe.cca import assign_splits
+from layerprobe.cca import assign_splits, shard_groups
 from layerprobe.corpus import Corpus, Segment, Utterance, load_audio, load_corpus
 from layerprobe.phones import ARPABET39
 from layerprobe.probes import (
@@ -109,7 +109,7 @@ def test_fbank_probe_every_second_frame_truncated() -> None:
     torch.testing.assert_close(t.y, fb[::2][:n_frames])
     assert t.spans[:, 0].tolist() == list(range(n_frames))
     assert (t.spans[:, 1] - t.spans[:, 0] == 1).all() and (t.labels == -1).all()
-    assert t.split.min() >= 0 and t.split.max() < 10
+    assert t.split.min() >= 0 and t.split.max() < ProbeConfig().n_shards
     assert torch.equal(t.split, probe.targets(i, wave, n_frames, 50.0).split)
     other = next(j for j in range(4) if j not in probe.utterances)
     assert probe.targets(other, wave, n_frames, 50.0).spans.shape == (0, 2)
@@ -163,8 +163,12 @@ def test_caps_and_stratified_splits() -> None:
         for c, n in counts.items():
             assert n == min(cap, available[probes[name].classes[c]])
         for c in counts:
-            per = np.bincount(split[labels == c], minlength=5)
+            per = np.bincount(split[labels == c] % 5, minlength=5)
             assert per.max() - per.min() <= 1  # stratified: every class spread evenly
+            # other split seeds re-deal whole shards: still within one item per shard per split
+            groups = shard_groups(config.n_shards, 5, 1, seed=3)
+            per = np.array([np.isin(split[labels == c], g).sum() for g in groups])
+            assert per.sum() == counts[c] and per.max() - per.min() <= config.shards_per_split
         y = torch.cat([t.y for t in targets])
         assert torch.equal(y.argmax(1), torch.from_numpy(labels)) and torch.all(y.sum(1) == 1)
     again = build_probes(corpus, ["phone"], config)["phone"]
