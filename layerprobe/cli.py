@@ -35,6 +35,9 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop at the first bad utterance instead of skipping it")
     parser.add_argument("--batch-seconds", type=float, help="padded audio per forward batch")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--fairseq-pretrained", metavar="PATH",
+                        help="pretrained fairseq checkpoint giving the architecture of a "
+                        "fine-tuned one saved with w2v_args=None (default: its w2v_path)")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -51,7 +54,8 @@ def _config_from_args(args: argparse.Namespace):
         metrics = ("pwcca", "mi") if "all" in args.metric else tuple(args.metric)
         changes["metrics"] = tuple(dict.fromkeys(metrics))
     for arg, field in (("device", "device"), ("seed", "seed"),
-                       ("max_utterances", "max_utterances"), ("batch_seconds", "batch_seconds")):
+                       ("max_utterances", "max_utterances"), ("batch_seconds", "batch_seconds"),
+                       ("fairseq_pretrained", "fairseq_pretrained")):
         if getattr(args, arg) is not None:
             changes[field] = getattr(args, arg)
     if args.bf16:

@@ -36,6 +36,7 @@ class AnalysisConfig:
     max_chunk_seconds: float = 30.0
     device: str = "auto"
     bf16: bool = False
+    fairseq_pretrained: str = ""  # pretrained checkpoint for fairseq fine-tunes without w2v_args
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in ALL_METRICS]

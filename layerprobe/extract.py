@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models.base import SAMPLE_RATE, LayerModel, normalize_waveforms
+from .models.base import SAMPLE_RATE, LayerModel
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def iter_hidden_states(
         wav = _as_waveform(key, waveform)
         model.check_lengths([wav.shape[0]], keys=[key])
         if model.normalize_waveform:
-            wav = normalize_waveforms(wav[None], torch.tensor([wav.shape[0]]))[0]
+            wav = model.normalize(wav[None], torch.tensor([wav.shape[0]]))[0]
         bounds = chunk_bounds(model, wav.shape[0], max_chunk)
         for i, (start, end) in enumerate(bounds):
             window.append((_Piece(key, i, len(bounds), start, end), wav))

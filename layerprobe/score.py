@@ -87,7 +87,7 @@ def score_model(
     device = resolve_device(config.device)
     if not isinstance(model, LayerModel):
         model_spec = str(model)
-        model = load(model, device=device)
+        model = load(model, device=device, fairseq_pretrained=config.fairseq_pretrained or None)
     else:
         model_spec = model.name
         model = model.to(device)

@@ -42,16 +42,21 @@ SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_conv_pos_embedding_groups": 2, **CONV}
 
 
-def tiny_hf_model(kind: str = "hubert", *, stable: bool = False, seed: int = 0) -> torch.nn.Module:
-    """Random tiny HF model; ``stable`` = pre-LN with layer-norm convs, else post-LN group-norm."""
+def tiny_hf_model(kind: str = "hubert", *, stable: bool = False, seed: int = 0,
+                  conv_bias: bool = False) -> torch.nn.Module:
+    """Random tiny HF model; ``stable`` = pre-LN with layer-norm convs, else post-LN group-norm.
+
+    ``conv_bias`` (as in wav2vec 2.0 Large): without it the first conv's norm makes the features
+    blind to the input's scale, hiding any error in waveform normalisation.
+    """
     norm = "layer" if stable else "group"
     torch.manual_seed(seed)
     if kind == "hubert":
         model = HubertModel(HubertConfig(**SMALL, do_stable_layer_norm=stable,
-                                         feat_extract_norm=norm))
+                                         feat_extract_norm=norm, conv_bias=conv_bias))
     elif kind == "wav2vec2":
         model = Wav2Vec2Model(Wav2Vec2Config(**SMALL, do_stable_layer_norm=stable,
-                                             feat_extract_norm=norm))
+                                             feat_extract_norm=norm, conv_bias=conv_bias))
     elif kind == "wavlm":
         model = WavLMModel(WavLMConfig(**SMALL, do_stable_layer_norm=stable,
                                        feat_extract_norm=norm, num_buckets=16,
@@ -62,11 +67,14 @@ def tiny_hf_model(kind: str = "hubert", *, stable: bool = False, seed: int = 0) 
                                                        conv_pos_kernel_size=5))
     else:
         raise ValueError(kind)
-    # Randomise the norms too (HF initialises them to identity) so mapping errors show up.
+    # Randomise the norms and conv biases too (HF initialises them to identity / zero) so
+    # mapping errors show up.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("conv.bias"):
+                p.add_(0.5 * torch.randn_like(p))
     return model.eval()
 
 

@@ -64,26 +64,77 @@ def test_same_weights_same_features_through_every_source(tmp_path, kind, stable,
             torch.testing.assert_close(states[:, 0], reference, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def _quiet(n: int, seed: int) -> torch.Tensor:
+    """RMS ~0.003 audio with a DC offset: where the eps of the standardisation matters."""
+    return 0.003 * random_waveforms([n], seed=seed)[0] / 0.5 + 0.001
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize("style", ["cfg", "args"])
 def test_waveform_normalisation_follows_each_source(tmp_path, style):
-    """HF do_normalize, fairseq task.normalize and our meta flag give HF's preprocessing."""
+    """HF do_normalize gets the feature extractor's formula, fairseq task.normalize fairseq's
+    ``F.layer_norm(wav, wav.shape)``; on quiet audio the two differ; each source keeps its own."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    hf_model = tiny_hf_model("hubert", stable=True, seed=13)
+    hf_model = tiny_hf_model("hubert", stable=True, seed=13, conv_bias=True)
     folder = save_hf_folder(hf_model, tmp_path / "hf")
     fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     fe.save_pretrained(folder)
-    models = [load(folder), load(save_native_from_hf(hf_model, tmp_path / "n.pt", normalize=True)),
-              load(save_fairseq_from_hf(hf_model, tmp_path / "f.pt", style=style,
-                                        normalize=True))]
-    assert all(m.normalize_waveform for m in models)
+    hf_style = [load(folder), load(save_native_from_hf(hf_model, tmp_path / "n.pt",
+                                                        normalize=True))]
+    fairseq = load(save_fairseq_from_hf(hf_model, tmp_path / "f.pt", style=style,
+                                        normalize=True))
+    assert all(m.normalize_waveform for m in [*hf_style, fairseq])
+    assert [m.normalize_eps for m in [*hf_style, fairseq]] == [1e-7, 1e-7, 1e-5]
     assert not load(save_fairseq_from_hf(hf_model, tmp_path / "plain.pt")).normalize_waveform
-    wav = 3.0 * random_waveforms([900], seed=14)[0] + 0.5
+    wav = _quiet(900, seed=14)
     inputs = fe(wav.numpy(), sampling_rate=16000, return_tensors="pt")
-    reference = _hf_reference(hf_model, inputs["input_values"][0])
-    for m in models:
+    hf_reference = _hf_reference(hf_model, inputs["input_values"][0])
+    fairseq_reference = _hf_reference(hf_model, torch.nn.functional.layer_norm(wav, wav.shape))
+    assert _relative_error(hf_reference, fairseq_reference) > 1e-2
+    for m in hf_style:
         states, _ = m.hidden_states(wav[None])
-        torch.testing.assert_close(states[:, 0], reference, atol=1e-5, rtol=1e-5, msg=m.source)
+        assert _relative_error(states[:, 0], hf_reference) < 1e-5, m.source
+    states, _ = fairseq.hidden_states(wav[None])
+    assert _relative_error(states[:, 0], fairseq_reference) < 1e-5
+
+
+@pytest.mark.parametrize("do_normalize", [True, False, None], ids=["true", "false", "no-file"])
+def test_hf_preprocessor_config_decides_normalisation(tmp_path, do_normalize):
+    """do_normalize: exactly (x - mean) / sqrt(var + 1e-7); false or no preprocessor_config.json:
+    the waveform as it is."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    hf_model = tiny_hf_model("wav2vec2", stable=True, seed=21, conv_bias=True)
+    folder = save_hf_folder(hf_model, tmp_path / "hf")
+    if do_normalize is not None:
+        Wav2Vec2FeatureExtractor(do_normalize=do_normalize).save_pretrained(folder)
+    m = load(folder)
+    assert m.normalize_waveform is bool(do_normalize)
+    assert m.meta["normalize_waveform"] is bool(do_normalize)
+    wav = _quiet(1000, seed=22)
+    x = wav.double()
+    formula = ((x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)).float()
+    expected, other = (formula, wav) if do_normalize else (wav, formula)
+    if do_normalize:
+        fe_values = Wav2Vec2FeatureExtractor(do_normalize=True)(
+            wav.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"][0]
+        torch.testing.assert_close(fe_values, formula, atol=1e-5, rtol=1e-5)
+    states, _ = m.hidden_states(wav[None])
+    assert _relative_error(states[:, 0], _hf_reference(hf_model, expected)) < 1e-5
+    assert _relative_error(states[:, 0], _hf_reference(hf_model, other)) > 1e-2
+
+
+@pytest.mark.parametrize(("entry", "message"), [({"do_normalize": "yes"}, "do_normalize='yes'"),
+                                                ({"sampling_rate": 8000}, "sampling_rate=8000")])
+def test_hf_preprocessor_config_errors(tmp_path, entry, message):
+    folder = save_hf_folder(tiny_hf_model("hubert", seed=23), tmp_path / "hf")
+    (folder / "preprocessor_config.json").write_text(json.dumps(entry))
+    with pytest.raises(ValueError, match=f"preprocessor_config.json: {message}"):
+        load(folder)
 
 
 def test_pre_ln_last_state_is_raw_block_output(tmp_path):

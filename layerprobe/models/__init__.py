@@ -51,12 +51,12 @@ def load_checkpoint(path: str | Path) -> Any:
         raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
 
 
-def _checkpoint_model(path: Path) -> LayerModel:
+def _checkpoint_model(path: Path, fairseq_pretrained: Path | None) -> LayerModel:
     payload = load_checkpoint(path)
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
         return native_layer_model(payload, path)
     if is_fairseq_payload(payload):
-        return fairseq_layer_model(payload, path)
+        return fairseq_layer_model(payload, path, pretrained=fairseq_pretrained)
     found = sorted(map(str, payload)) if isinstance(payload, Mapping) else type(payload).__name__
     raise ValueError(
         f"{path}: unknown checkpoint layout (keys/type: {found}); expected a layerprobe checkpoint "
@@ -69,12 +69,23 @@ def _looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1)
 
 
-def load(spec: str | Path, *, device: str | torch.device = "cpu") -> LayerModel:
-    """Load any supported model in eval mode on ``device`` ("auto" | "cpu" | "cuda[:i]")."""
+def load(spec: str | Path, *, device: str | torch.device = "cpu",
+         fairseq_pretrained: str | Path | None = None) -> LayerModel:
+    """Load any supported model in eval mode on ``device`` ("auto" | "cpu" | "cuda[:i]").
+
+    ``fairseq_pretrained``: the pretrained checkpoint whose config a fine-tuned fairseq
+    checkpoint with ``w2v_args=None`` needs (default: its ``w2v_path``, looked up as fairseq
+    does, then next to the checkpoint); ignored by every other kind of model.
+    """
     target = resolve_device(device)
+    pretrained = None
+    if fairseq_pretrained:
+        pretrained = Path(fairseq_pretrained).expanduser()
+        if not pretrained.is_file():
+            raise FileNotFoundError(f"fairseq pretrained checkpoint not found: {pretrained}")
     path = Path(spec).expanduser()
     if path.is_file():
-        model = _checkpoint_model(path)
+        model = _checkpoint_model(path, pretrained)
     elif path.is_dir():
         model = huggingface_layer_model(path)
     elif isinstance(spec, Path) or _looks_like_path(str(spec)):

@@ -15,7 +15,10 @@ L+1 states.
 
 Waveform normalisation: models trained on per-utterance standardised audio (fairseq
 ``task.normalize``, HF ``do_normalize``) set ``normalize_waveform``; each item is then scaled to
-zero mean and unit variance over its valid samples (HF's formula, eps 1e-7) before the forward.
+zero mean and unit variance over its valid samples, ``(x - mean) / sqrt(var + eps)``, before the
+forward, with the ``eps`` of the model's own pipeline (``normalize_eps``): fairseq's
+``F.layer_norm(wav, wav.shape)`` uses 1e-5, Hugging Face's ``Wav2Vec2FeatureExtractor`` 1e-7. The
+two differ by several percent on quiet audio (RMS 0.003), so each source keeps its own.
 
 Padding: every batch is padded on the right and carries its valid lengths. Attention never sees
 padded frames, padded frames are zeroed before the positional convolution, and models whose first
@@ -132,13 +135,26 @@ class MaskedGroupNormHook:
         return masked_group_norm(self.norm, x, self.valid)
 
 
-def normalize_waveforms(waveforms: Tensor, lengths: Tensor) -> Tensor:
-    """Zero mean, unit variance per item over its valid samples; padding stays 0."""
+HF_NORMALIZE_EPS = 1e-7  # transformers Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+FAIRSEQ_NORMALIZE_EPS = 1e-5  # fairseq datasets: F.layer_norm(wav, wav.shape), default eps
+
+
+def normalize_waveforms(waveforms: Tensor, lengths: Tensor, *,
+                        eps: float = HF_NORMALIZE_EPS) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` per item over its valid samples; padding stays 0.
+
+    ``var`` is the biased (population) variance, as in both fairseq and transformers.
+    """
+    if waveforms.ndim != 2 or lengths.shape != (waveforms.shape[0],):
+        raise ValueError(f"normalize_waveforms: waveforms {tuple(waveforms.shape)} must be [B, n] "
+                         f"and lengths {tuple(lengths.shape)} [B]")
+    if not eps > 0:
+        raise ValueError(f"normalize_waveforms: eps must be > 0, got {eps}")
     valid = valid_mask(lengths, waveforms.shape[1]).to(waveforms.dtype)
     count = valid.sum(dim=1, keepdim=True).clamp(min=1.0)
     mean = (waveforms * valid).sum(dim=1, keepdim=True) / count
     var = (((waveforms - mean) * valid) ** 2).sum(dim=1, keepdim=True) / count
-    return (waveforms - mean) / torch.sqrt(var + 1e-7) * valid
+    return (waveforms - mean) / torch.sqrt(var + eps) * valid
 
 
 def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -159,9 +175,11 @@ class LayerModel(nn.Module):
     conv: ConvStack
     batch_invariant: bool  # padding does not change an item's features
     normalize_waveform: bool  # standardise each waveform before the forward
+    normalize_eps: float  # eps of that standardisation, as in the model's own pipeline
 
     def __init__(self, *, name: str, source: str, n_layers: int, dim: int, conv: ConvStack,
-                 batch_invariant: bool = True, normalize_waveform: bool = False) -> None:
+                 batch_invariant: bool = True, normalize_waveform: bool = False,
+                 normalize_eps: float = HF_NORMALIZE_EPS) -> None:
         super().__init__()
         if n_layers < 1 or dim < 1:
             raise ValueError(f"model {name!r}: n_layers={n_layers} and dim={dim} must be >= 1")
@@ -172,6 +190,7 @@ class LayerModel(nn.Module):
         self.conv = conv
         self.batch_invariant = batch_invariant
         self.normalize_waveform = normalize_waveform
+        self.normalize_eps = normalize_eps
         self.meta: dict = {}  # source-specific facts (checkpoint meta, config), JSON-able
 
     # ----------------------------------------------------------------- geometry
@@ -216,6 +235,10 @@ class LayerModel(nn.Module):
                     f"{self.receptive_field} samples of model {self.name!r}"
                 )
 
+    def normalize(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        """This model's waveform standardisation (``normalize_eps``) of a padded batch."""
+        return normalize_waveforms(waveforms, lengths, eps=self.normalize_eps)
+
     @torch.no_grad()
     def hidden_states(self, waveforms: Tensor, lengths: Tensor | None = None, *,
                       normalize: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -247,7 +270,7 @@ class LayerModel(nn.Module):
         lengths = lengths.to(device)
         padded = bool((lengths < n).any())
         if self.normalize_waveform if normalize is None else normalize:
-            waveforms = normalize_waveforms(waveforms, lengths)
+            waveforms = self.normalize(waveforms, lengths)
         states = self._forward_states(waveforms, lengths if padded else None)
         frame_lengths = self.conv.frame_lengths(lengths)
         if len(states) != self.n_layers + 1:

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ConvStack, LayerModel, MaskedGroupNormHook, valid_mask
+from .base import (
+    HF_NORMALIZE_EPS,
+    SAMPLE_RATE,
+    ConvStack,
+    LayerModel,
+    MaskedGroupNormHook,
+    valid_mask,
+)
 
 SUPPORTED_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio")
 
@@ -106,7 +113,11 @@ class HuggingFaceLayerModel(LayerModel):
 
 
 def _do_normalize(spec: str, *, local_files_only: bool) -> bool:
-    """``do_normalize`` of the model's preprocessor_config.json (False when there is none)."""
+    """``do_normalize`` of the model's preprocessor_config.json (False when there is none).
+
+    That flag is what transformers' ``Wav2Vec2FeatureExtractor`` applies: ``(x - mean) /
+    sqrt(var + 1e-7)`` per item (:data:`HF_NORMALIZE_EPS`); without it, no preprocessing.
+    """
     from transformers.utils import cached_file
 
     try:
@@ -116,8 +127,29 @@ def _do_normalize(spec: str, *, local_files_only: bool) -> bool:
         return False
     if found is None:
         return False
-    with open(found, encoding="utf-8") as handle:
-        return bool(json.load(handle).get("do_normalize", False))
+    try:
+        with open(found, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{found}: unreadable preprocessor config ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{found}: preprocessor config is not a JSON object")
+    value = config.get("do_normalize", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{found}: do_normalize={value!r} is not true/false")
+    rate = config.get("sampling_rate", SAMPLE_RATE)
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{found}: sampling_rate={rate!r}; layerprobe feeds {SAMPLE_RATE} Hz "
+                         f"audio")
+    return value
+
+
+def _set_preprocessing(model: HuggingFaceLayerModel, do_normalize: bool) -> None:
+    model.normalize_waveform = do_normalize
+    model.normalize_eps = HF_NORMALIZE_EPS
+    model.meta["normalize_waveform"] = do_normalize
+    model.meta["waveform_preprocessing"] = (
+        "transformers Wav2Vec2FeatureExtractor do_normalize, eps 1e-7" if do_normalize else "none")
 
 
 def _from_pretrained(spec: str, *, local_files_only: bool) -> nn.Module:
@@ -142,7 +174,7 @@ def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
         except OSError as err:
             raise ValueError(f"{path}: cannot load Hugging Face model folder: {err}") from err
         layer_model = HuggingFaceLayerModel(model, name=path.name)
-        layer_model.normalize_waveform = _do_normalize(str(path), local_files_only=True)
+        _set_preprocessing(layer_model, _do_normalize(str(path), local_files_only=True))
         return layer_model
     spec = str(spec)
     local = True
@@ -160,5 +192,5 @@ def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
             raise ValueError(f"{spec!r}: not in the local Hugging Face cache and could not be "
                              f"downloaded ({err}); {_fetch_hint(spec)}") from err
     layer_model = HuggingFaceLayerModel(model, name=spec)
-    layer_model.normalize_waveform = _do_normalize(spec, local_files_only=local)
+    _set_preprocessing(layer_model, _do_normalize(spec, local_files_only=local))
     return layer_model

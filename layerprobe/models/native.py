@@ -70,12 +70,18 @@ def native_layer_model(payload: Mapping[str, Any], path: Path) -> TorchaudioLaye
     if missing:
         raise ValueError(f"{path}: layerprobe checkpoint lacks {missing}")
     args = _model_args(payload["model_args"], path)
+    state = payload["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: 'model' is a {type(state).__name__}, not a state dict")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{path}: 'model' entries that are not tensors: {bad[:5]}")
     try:
         pretrain = hubert_pretrain_model(**args)
     except TypeError as err:
         raise ValueError(f"{path}: bad model_args for hubert_pretrain_model: {err}") from err
     try:
-        pretrain.load_state_dict(payload["model"])
+        pretrain.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match model_args: {err}") from err
     meta = payload.get("meta") or {}
