@@ -8,7 +8,10 @@ Autoencoder index (per checkpoint label and metric):
 - ``fbank_rise`` = last layer − min over layers of the fbank probe's scores: how far the top
   layer climbs back towards the input features (0 = the top layer is the least fbank-like).
 
-Both are computed only for probes present in the results; nothing else is added.
+Both are computed only for probes present in the results; nothing else is added. Where a result
+carries per-seed curves (``details["seed_scores"]``, split seeds), each index is also computed per
+seed and its standard deviation over seeds is reported (``word_drop_std``, ``fbank_rise_std``): a
+difference between checkpoints smaller than that is not a finding.
 """
 
 from __future__ import annotations
@@ -38,8 +41,19 @@ def fbank_rise(scores: Sequence[float]) -> float:
     return scores[-1] - min(scores)
 
 
+def _seed_std(index: Callable[[Sequence[float]], float | None], r: Result) -> float | None:
+    """Std (ddof 1) over split seeds of an index computed on each seed's curve."""
+    per_seed = r.details.get("seed_scores") or []
+    values = [index(curve) for curve in per_seed]
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def autoencoder_index(results: Sequence[Result]) -> list[dict[str, Any]]:
-    """One row per (label, metric): ``word_drop`` and ``fbank_rise`` where the probe exists."""
+    """One row per (label, metric): ``word_drop`` and ``fbank_rise`` where the probe exists,
+    with their std over split seeds (``*_std``, None without per-seed curves)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
         if r.probe not in ("word", "fbank"):
@@ -47,21 +61,25 @@ def autoencoder_index(results: Sequence[Result]) -> list[dict[str, Any]]:
         if r.layers != sorted(r.layers):
             raise ValueError(f"result {r.label!r} ({r.probe}/{r.metric}): layers are not sorted")
         row = rows.setdefault((r.label, r.metric), {"label": r.label, "metric": r.metric})
-        if r.probe == "word":
-            row["word_drop"] = word_drop(r.scores)
-        else:
-            row["fbank_rise"] = fbank_rise(r.scores)
+        name, index = ("word_drop", word_drop) if r.probe == "word" else \
+            ("fbank_rise", fbank_rise)
+        row[name] = index(r.scores)
+        row[f"{name}_std"] = _seed_std(index, r)
     return list(rows.values())
 
 
 def format_index(rows: Sequence[dict[str, Any]]) -> str:
-    def fmt(v: float | None) -> str:
-        return "   n/a" if v is None else f"{v:6.3f}"
+    def fmt(row: dict[str, Any], name: str) -> str:
+        v, std = row.get(name), row.get(f"{name}_std")
+        if v is None:
+            return "n/a"
+        return f"{v:.3f}" if std is None else f"{v:.3f} ± {std:.3f}"
 
-    lines = [f"{'checkpoint':<12} {'metric':<14} {'word_drop':>9} {'fbank_rise':>10}"]
+    lines = [f"{'checkpoint':<12} {'metric':<14} {'word_drop':>15} {'fbank_rise':>15}"]
     for row in rows:
-        lines.append(f"{row['label']:<12} {row['metric']:<14} {fmt(row.get('word_drop')):>9} "
-                     f"{fmt(row.get('fbank_rise')):>10}")
+        lines.append(f"{row['label']:<12} {row['metric']:<14} {fmt(row, 'word_drop'):>15} "
+                     f"{fmt(row, 'fbank_rise'):>15}")
+    lines.append("(± : std over split seeds; differences smaller than that are not findings)")
     return "\n".join(lines)
 
 

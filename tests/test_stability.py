@@ -94,3 +94,20 @@ def test_seeds_give_a_spread_and_the_mean_of_seed_scores():
     assert one.std is None
     with pytest.raises(ValueError, match="shards per split"):
         cca_score(x, y, labels=labels, n_seeds=2, shards_per_split=1)
+
+
+def test_autoencoder_index_reports_its_spread_over_split_seeds():
+    from layerprobe.results import Result
+    from pretraining.profile import autoencoder_index, format_index
+
+    seeds = [[0.5, 0.8, 0.4], [0.5, 0.9, 0.5], [0.4, 0.7, 0.3]]
+    word = Result(model="m", label="it1", corpus="c", probe="word", metric="pwcca",
+                  layers=[0, 1, 2], scores=list(np.mean(seeds, 0)),
+                  std=list(np.std(seeds, 0, ddof=1)), details={"seed_scores": seeds})
+    fbank = Result(model="m", label="it1", corpus="c", probe="fbank", metric="pwcca",
+                   layers=[0, 1, 2], scores=[0.9, 0.5, 0.6])
+    (row,) = autoencoder_index([word, fbank])
+    drops = [(max(c) - c[-1]) / max(c) for c in seeds]
+    assert row["word_drop_std"] == pytest.approx(np.std(drops, ddof=1))
+    assert row["fbank_rise_std"] is None  # no per-seed curves: no spread claimed
+    assert "±" in format_index([row])
