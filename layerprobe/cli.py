@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import warnings
@@ -35,6 +36,12 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop at the first bad utterance instead of skipping it")
     parser.add_argument("--batch-seconds", type=float, help="padded audio per forward batch")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into an existing --out results file (under a file lock) "
+                        "instead of replacing it: the same model, label, probe and metric is "
+                        "replaced, other results are kept")
+    parser.add_argument("--csv", type=Path, help="also write the results as CSV, one row per "
+                        "model x probe x metric x layer (with --append: the merged file)")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -65,21 +72,52 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
+def check_outputs(*paths: Path | None, append_to: Path | None = None) -> None:
+    """Before any work: every output can be written, and a file to --append to is readable."""
+    from layerprobe.atomic import check_writable
+    from layerprobe.results import load_results
+
+    for path in paths:
+        if path is not None:
+            check_writable(path)
+    if append_to is not None and append_to.exists():
+        load_results(append_to)
+
+
+def write_results(results, out: Path, *, append: bool, csv: Path | None) -> None:
+    """Write (or with ``append`` merge into) ``out`` and the optional CSV; say what happened."""
+    from layerprobe.results import append_results, save_csv, save_results
+
+    if append:
+        results, replaced = append_results(results, out)
+        print(f"wrote {out} (merged: {len(results)} result(s) in the file, "
+              f"{replaced} replaced)")
+    else:
+        existed = out.exists()
+        save_results(results, out)
+        if existed:
+            warnings.warn(f"replaced the existing {out} (--append merges into it instead)",
+                          UserWarning, stacklevel=2)
+        print(f"wrote {out}")
+    if csv is not None:
+        print(f"wrote {save_csv(results, csv)}")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    from layerprobe.results import save_results
-    from layerprobe.score import model_label, score_model, summary_table
+    from layerprobe.labels import unique_labels
+    from layerprobe.score import score_model, summary_table
 
     config = _config_from_args(args)
-    label = args.label or model_label(args.model)
+    label = args.label or unique_labels([args.model])[0]
+    out = args.out or Path("results") / f"{_safe_name(label)}.json"
+    check_outputs(out, args.csv, args.plot, append_to=out if args.append else None)
     with _collect_failures() as failures:
         results = score_model(args.model, None, config, label=label,
                               progress=not args.no_progress, skip_failed=True)
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
-    out = args.out or Path("results") / f"{_safe_name(label)}.json"
-    save_results(results, out)
     print(summary_table(results))
-    print(f"wrote {out}")
+    write_results(results, out, append=args.append, csv=args.csv)
     if args.plot:
         from layerprobe.plots import plot_layerwise
 
@@ -88,10 +126,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from layerprobe.plots import plot_layerwise
-    from layerprobe.results import load_results
+    from layerprobe.plots import plot_layerwise, results_of_files
 
-    results = [r for path in args.results for r in load_results(path)]
+    check_outputs(args.output)
+    results = results_of_files(args.results, rows_by=args.rows_by)
     if args.probe:
         results = [r for r in results if r.probe in args.probe]
     if args.metric:
@@ -103,23 +141,36 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from layerprobe.labels import unique_labels
     from layerprobe.plots import plot_layerwise
-    from layerprobe.results import save_results
     from layerprobe.score import score_models, summary_table
 
-    labels = args.labels.split(",") if args.labels else None
+    labels = args.labels.split(",") if args.labels else unique_labels(args.models)
     config = _config_from_args(args)
+    out = args.out or Path(args.output).with_suffix(".json")
+    check_outputs(out, args.output, args.csv, append_to=out if args.append else None)
     with _collect_failures() as failures:
         results = score_models(args.models, None, config, labels=labels,
                                progress=not args.no_progress, skip_failed=True)
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
-    out = args.out or Path(args.output).with_suffix(".json")
-    save_results(results, out)
     print(summary_table(results))
-    print(f"wrote {out}")
+    write_results(results, out, append=args.append, csv=args.csv)
     print(f"wrote {plot_layerwise(results, args.output, title=args.title)}")
     return _report_failures(failures)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from layerprobe.results import load_results, results_to_csv, save_csv
+
+    if str(args.csv) != "-":
+        check_outputs(args.csv)
+    results = [r for path in args.results for r in load_results(path)]
+    if str(args.csv) == "-":
+        sys.stdout.write(results_to_csv(results))
+    else:
+        print(f"wrote {save_csv(results, args.csv)}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -164,17 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--plot", type=Path, help="also draw the curves to this PNG/PDF")
     score.set_defaults(func=cmd_score)
 
-    plot = sub.add_parser("plot", help="draw layerwise curves from results JSON files")
+    plot = sub.add_parser("plot", help="draw layerwise curves from results JSON files",
+                          description="Draw one panel per probe and metric and one curve per "
+                          "result label from results JSON files (score, compare, or a "
+                          "pretraining run's profile.json). Labels that occur in several files "
+                          "are prefixed with the file's run (its folder name).")
     plot.add_argument("results", nargs="+", type=Path, help="results JSON files")
     plot.add_argument("-o", "--output", type=Path, required=True, help="figure (.png/.pdf/.svg)")
     plot.add_argument("--title")
     plot.add_argument("--probe", action="append", help="keep only this probe (repeatable)")
     plot.add_argument("--metric", action="append", help="keep only this metric (repeatable)")
-    plot.add_argument("--rows-by", help="meta field giving one row of panels per value "
-                      "(e.g. schedule)")
+    plot.add_argument("--rows-by", help="meta field giving one row of panels per value, each "
+                      "row with its own colour scale: e.g. run (the file's folder unless the "
+                      "results name one), schedule, iteration")
     plot.set_defaults(func=cmd_plot)
 
-    compare = sub.add_parser("compare", help="score several models on the same items and plot")
+    compare = sub.add_parser("compare", help="score several models on the same items and plot",
+                             description="Score several models on exactly the same corpus items "
+                             "(one probe plan, one seed), print a table, write results JSON and "
+                             "draw the curves. Default labels are the shortest path endings that "
+                             "tell the models apart (runs/demo/it1/ckpt.pt -> demo/it1).")
     compare.add_argument("models", nargs="+", help="model specs (checkpoints, HF folders/ids)")
     _analysis_arguments(compare)
     compare.add_argument("-o", "--output", type=Path, required=True, help="figure (.png/.pdf)")
@@ -183,25 +243,79 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--title")
     compare.set_defaults(func=cmd_compare)
 
+    export = sub.add_parser("export", help="convert results JSON files to CSV",
+                            description="Write the results of one or more results JSON files "
+                            "as CSV: one row per model x probe x metric x layer, columns "
+                            "model, label, corpus, probe, metric, layer, score, std.")
+    export.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    export.add_argument("--csv", type=Path, required=True, help="CSV file to write ('-': stdout)")
+    export.set_defaults(func=cmd_export)
+
     from layerprobe.synth import add_synth_arguments, run_synth
 
-    synth = sub.add_parser("synth", help="synthesize an aligned corpus (audio + TextGrids)")
+    synth = sub.add_parser("synth", help="synthesize an aligned corpus (audio + TextGrids)",
+                           description="Synthesize an English corpus with festival/flite voices: "
+                           "16 kHz FLAC audio with word and phone TextGrid alignments and a "
+                           "transcript list, usable by score, compare and pretrain.")
     add_synth_arguments(synth)
     synth.set_defaults(func=run_synth)
 
     from pretraining.cli import add_pretrain_arguments, run_pretrain
 
     pretrain = sub.add_parser("pretrain", help="pretrain HuBERT under a schedule, profiling "
-                              "every iteration")
+                              "every iteration",
+                              description="Pretrain a HuBERT model for N iterations of k-means "
+                              "targets under a schedule (original, progressive, ...), writing "
+                              "it*/ckpt.pt per iteration, profiling each checkpoint layerwise "
+                              "(it*/probe.json, profile.json, profile.png) and resuming with "
+                              "--resume.")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(func=run_pretrain)
     return parser
 
 
+def format_warning(message: Warning | str) -> str:
+    """How the command line shows a warning: one line, no Python source."""
+    return f"layerprobe: warning: {message}"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    stream = file if file is not None else sys.stderr
+    with contextlib.suppress(OSError, ValueError):  # stderr gone: like warnings' own showwarning
+        print(format_warning(message), file=stream)
+
+
+@contextlib.contextmanager
+def cli_warnings() -> Iterator[None]:
+    """Show warnings as ``layerprobe: warning: <message>`` while the command runs."""
+    saved = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+def hide_library_progress_bars() -> None:
+    """--no-progress also hides huggingface_hub's and transformers' bars ("Loading weights")."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        hide_library_progress_bars()
     try:
-        return int(args.func(args) or 0)
+        with cli_warnings():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"layerprobe {args.command}: error: {err}", file=sys.stderr)
         return 1

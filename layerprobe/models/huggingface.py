@@ -4,7 +4,8 @@ Models run through transformers itself (``AutoModel``), so any of these architec
 States are captured with hooks on the encoder blocks (a pre-hook on block 0 for state 0, a forward
 hook on every block), which gives the convention of :mod:`layerprobe.models.base` independently
 of the transformers version. Hub ids are looked up in the local cache first; offline mode
-(``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``) never touches the network.
+(``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``) never touches the network, and a hub that
+cannot be reached (one quick connection attempt) fails at once instead of after retries.
 """
 
 from __future__ import annotations
@@ -27,6 +28,30 @@ def offline_mode() -> bool:
     truthy = {"1", "true", "yes", "on"}
     return any(os.environ.get(v, "").strip().lower() in truthy
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+HUB_CONNECT_TIMEOUT = 3.0  # seconds for the one reachability check before downloading
+
+
+def hub_unreachable_reason(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the hub endpoint (HF_ENDPOINT) cannot be reached now, or None if a TCP connection
+    opens; one attempt, no retries. Behind a proxy (``*_PROXY`` set) it is not checked."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host = url.hostname or ""
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot reach {constants.ENDPOINT} ({err.strerror or err})"
+    return None
 
 
 def _fetch_hint(spec: str) -> str:
@@ -153,6 +178,10 @@ def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
             raise ValueError(f"{spec!r} is not in the local Hugging Face cache and offline mode "
                              f"is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); "
                              f"{_fetch_hint(spec)}") from cached_err
+        unreachable = hub_unreachable_reason()
+        if unreachable:
+            raise ValueError(f"{spec!r} is not in the local Hugging Face cache and the hub is "
+                             f"out of reach: {unreachable}; {_fetch_hint(spec)}") from cached_err
         try:
             model = _from_pretrained(spec, local_files_only=False)
             local = False
