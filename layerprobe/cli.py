@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
 import warnings
@@ -296,25 +295,19 @@ def cli_warnings() -> Iterator[None]:
         warnings.showwarning = saved
 
 
-def hide_library_progress_bars() -> None:
-    """--no-progress also hides huggingface_hub's and transformers' bars ("Loading weights")."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
+def _library_progress(show: bool) -> contextlib.AbstractContextManager:
+    """--no-progress also hides transformers' "Loading weights" and the hub's download bars."""
+    if show:
+        return contextlib.nullcontext()
+    from layerprobe.models.huggingface import loading_progress
 
-        disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    return loading_progress(False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "no_progress", False):
-        hide_library_progress_bars()
     try:
-        with cli_warnings():
+        with cli_warnings(), _library_progress(not getattr(args, "no_progress", False)):
             return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"layerprobe {args.command}: error: {err}", file=sys.stderr)

@@ -10,8 +10,10 @@ cannot be reached (one quick connection attempt) fails at once instead of after 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,37 @@ def offline_mode() -> bool:
     truthy = {"1", "true", "yes", "on"}
     return any(os.environ.get(v, "").strip().lower() in truthy
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_SHOW_PROGRESS = True  # see loading_progress
+
+
+@contextlib.contextmanager
+def loading_progress(show: bool) -> Iterator[None]:
+    """Within the block, models load with (``show``) or without transformers' and the hub's
+    progress bars ("Loading weights", downloads); the CLI's ``--no-progress`` uses it."""
+    global _SHOW_PROGRESS
+    saved, _SHOW_PROGRESS = _SHOW_PROGRESS, show
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS = saved
+
+
+@contextlib.contextmanager
+def _library_bars() -> Iterator[None]:
+    if _SHOW_PROGRESS:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 HUB_CONNECT_TIMEOUT = 3.0  # seconds for the one reachability check before downloading
@@ -135,8 +168,10 @@ def _do_normalize(spec: str, *, local_files_only: bool) -> bool:
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(spec, "preprocessor_config.json", local_files_only=local_files_only,
-                            _raise_exceptions_for_missing_entries=False)
+        with _library_bars():
+            found = cached_file(spec, "preprocessor_config.json",
+                                local_files_only=local_files_only,
+                                _raise_exceptions_for_missing_entries=False)
     except OSError:
         return False
     if found is None:
@@ -148,12 +183,13 @@ def _do_normalize(spec: str, *, local_files_only: bool) -> bool:
 def _from_pretrained(spec: str, *, local_files_only: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"{spec}: unsupported model type {config.model_type!r} "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
-    return AutoModel.from_pretrained(spec, config=config, local_files_only=local_files_only,
-                                     dtype=torch.float32)
+    with _library_bars():
+        config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{spec}: unsupported model type {config.model_type!r} "
+                             f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        return AutoModel.from_pretrained(spec, config=config, local_files_only=local_files_only,
+                                         dtype=torch.float32)
 
 
 def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
