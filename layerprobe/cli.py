@@ -307,7 +307,8 @@ def _library_progress(show: bool) -> contextlib.AbstractContextManager:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with cli_warnings(), _library_progress(not getattr(args, "no_progress", False)):
+        hide = args.command in ("score", "compare") and args.no_progress
+        with cli_warnings(), _library_progress(not hide):
             return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"layerprobe {args.command}: error: {err}", file=sys.stderr)
