@@ -44,6 +44,9 @@ def _target_mode(path: Path) -> int:
 def _named(err: OSError, path: Path, action: str) -> OSError:
     """The same kind of error, naming the user's path instead of a temporary file."""
     reason = err.strerror or str(err)
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return NotADirectoryError(f"{path}: cannot {action} ({blocking} is a file, not a folder)")
     return type(err)(f"{path}: cannot {action} ({reason})")
 
 

@@ -102,12 +102,25 @@ def write_results(results, out: Path, *, append: bool, csv: Path | None) -> None
         print(f"wrote {save_csv(results, csv)}")
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def _label_for_file(model: str, append_to: Path | None) -> str:
+    """The default label of ``model``: its label in a file appended to if it is there already
+    (so that its results get replaced), else one unique among that file's other models."""
     from layerprobe.labels import unique_labels
+    from layerprobe.results import load_results
+
+    existing = load_results(append_to) if append_to is not None and append_to.is_file() else []
+    mine = [r.label for r in existing if r.model == str(model)]
+    if mine:
+        return mine[0]
+    others = dict.fromkeys(r.model for r in existing)
+    return unique_labels([*others, str(model)])[-1]
+
+
+def cmd_score(args: argparse.Namespace) -> int:
     from layerprobe.score import score_model, summary_table
 
     config = _config_from_args(args)
-    label = args.label or unique_labels([args.model])[0]
+    label = args.label or _label_for_file(args.model, args.out if args.append else None)
     out = args.out or Path("results") / f"{_safe_name(label)}.json"
     check_outputs(out, args.csv, args.plot, append_to=out if args.append else None)
     with _collect_failures() as failures:

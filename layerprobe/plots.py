@@ -85,6 +85,18 @@ def _file_runs(paths: Sequence[Path]) -> list[str]:
     return unique_labels([str(f) for f in folders] if distinct else [str(p) for p in paths])
 
 
+def _distinct_labels(results: Sequence[Result]) -> list[Result]:
+    """Results whose label is shared by several models get labels that tell the models apart."""
+    models_of: dict[str, list[str]] = {}
+    for r in results:
+        models_of.setdefault(r.label, [])
+        if r.model not in models_of[r.label]:
+            models_of[r.label].append(r.model)
+    renamed = {(label, model): new for label, models in models_of.items() if len(models) > 1
+               for model, new in zip(models, unique_labels(models), strict=True)}
+    return [replace(r, label=renamed.get((r.label, r.model), r.label)) for r in results]
+
+
 def results_of_files(paths: Sequence[str | Path], *, rows_by: str | None = None) -> list[Result]:
     """The results of several files, ready to plot together.
 
@@ -93,7 +105,7 @@ def results_of_files(paths: Sequence[str | Path], *, rows_by: str | None = None)
     different runs stay apart (unless ``rows_by`` is ``"run"``: each run has its own row then).
     """
     paths = [Path(p) for p in paths]
-    per_file = [load_results(p) for p in paths]
+    per_file = [_distinct_labels(load_results(p)) for p in paths]
     runs = _file_runs(paths)
     per_file = [[replace(r, meta={**r.meta, "run": str(r.meta.get("run", run))}) for r in rs]
                 for rs, run in zip(per_file, runs, strict=True)]

@@ -93,8 +93,11 @@ def test_check_writable(tmp_path):
         check_writable(tmp_path / "new")
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    with pytest.raises(OSError, match=f"{blocker / 'r.json'}: cannot write"):
+    with pytest.raises(NotADirectoryError, match=f"{blocker / 'r.json'}: cannot write "
+                       f"\\({blocker} is a file, not a folder\\)"):
         check_writable(blocker / "r.json")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        atomic_write_text(blocker / "sub" / "r.json", "x")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

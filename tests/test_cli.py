@@ -92,14 +92,15 @@ def test_append_merges_models_and_replaces_the_same_one(tmp_path, capsys, fake_s
     out = tmp_path / "r.json"
     assert cli.main(["score", "runs/a/it1/ckpt.pt", "--out", str(out), "--append"]) == 0
     assert cli.main(["score", "runs/b/it1/ckpt.pt", "--out", str(out), "--append"]) == 0
-    merged = load_results(out)  # same label (it1), other model: both kept
-    assert sorted((r.model, r.probe) for r in merged) == [
-        (m, p) for m in ("runs/a/it1/ckpt.pt", "runs/b/it1/ckpt.pt") for p in ("fbank", "word")]
+    merged = load_results(out)  # other model: both kept, the new one's label unique in the file
+    assert sorted((r.model, r.label, r.probe) for r in merged) == [
+        (m, lbl, p) for m, lbl in (("runs/a/it1/ckpt.pt", "it1"), ("runs/b/it1/ckpt.pt", "b/it1"))
+        for p in ("fbank", "word")]
     capsys.readouterr()
     assert cli.main(["score", "runs/a/it1/ckpt.pt", "--out", str(out), "--append"]) == 0
     assert "4 result(s) in the file, 2 replaced" in capsys.readouterr().out
     again = [r for r in load_results(out) if r.model == "runs/a/it1/ckpt.pt"]
-    assert [r.scores[1] for r in again] == [0.53, 0.53]  # the third run's scores
+    assert [(r.label, r.scores[1]) for r in again] == [("it1", 0.53)] * 2  # the third run's
 
 
 def test_overwriting_without_append_is_said(tmp_path, capsys, fake_scoring):

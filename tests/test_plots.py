@@ -71,3 +71,10 @@ def test_rows_by_rejects_unknown_fields_listing_valid_ones(two_runs, tmp_path):
     with pytest.raises(ValueError, match="'config'"):
         plot_layerwise(results, tmp_path / "x.png", rows_by="config")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_one_label_for_several_models_in_a_file_is_told_apart(tmp_path):
+    a, b = _run_results(1, "x")[0], _run_results(1, "x")[0]
+    path = save_results([replace(a, model="runs/demo/it1/ckpt.pt"),
+                         replace(b, model="runs/p5/it1/ckpt.pt")], tmp_path / "r.json")
+    assert [r.label for r in results_of_files([path])] == ["demo/it1", "p5/it1"]
