@@ -54,11 +54,12 @@ def _colours(labels: Sequence[str]) -> dict[str, object]:
         runs.setdefault(lbl[: match.start(1)], []).append(lbl)
     colours: dict[str, object] = {}
     for r, members in enumerate(runs.values()):
-        n = max(len(members) - 1, 1)
         if len(runs) == 1:
             cmap, low, high = plt.get_cmap("viridis"), 0.0, 0.9
-        else:
-            cmap, low, high = plt.get_cmap(RUN_MAPS[r % len(RUN_MAPS)]), 0.45, 0.95
+        else:  # a lone iteration takes its run's strongest shade
+            cmap, low, high = plt.get_cmap(RUN_MAPS[r % len(RUN_MAPS)]), 0.45, 0.9
+            low = high if len(members) == 1 else low
+        n = max(len(members) - 1, 1)
         colours.update({lbl: cmap(low + (high - low) * i / n) for i, lbl in enumerate(members)})
     return colours
 
