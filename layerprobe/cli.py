@@ -71,12 +71,20 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
-def check_outputs(*paths: Path | None, append_to: Path | None = None) -> None:
-    """Before any work: every output can be written, and a file to --append to is readable."""
+def check_outputs(*paths: Path | None, append_to: Path | None = None,
+                  figures: Sequence[Path | None] = ()) -> None:
+    """Before any work: every output can be written, figures have a format we write, and a file
+    to --append to is readable."""
     from layerprobe.atomic import check_writable
     from layerprobe.results import load_results
 
-    for path in paths:
+    if any(f is not None for f in figures):
+        from layerprobe.plots import check_figure_path
+
+        for figure in figures:
+            if figure is not None:
+                check_figure_path(figure)
+    for path in (*paths, *figures):
         if path is not None:
             check_writable(path)
     if append_to is not None and append_to.exists():
@@ -122,7 +130,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     label = args.label or _label_for_file(args.model, args.out if args.append else None)
     out = args.out or Path("results") / f"{_safe_name(label)}.json"
-    check_outputs(out, args.csv, args.plot, append_to=out if args.append else None)
+    check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.plot])
     with _collect_failures() as failures:
         results = score_model(args.model, None, config, label=label,
                               progress=not args.no_progress, skip_failed=True)
@@ -140,7 +148,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from layerprobe.plots import plot_layerwise, results_of_files
 
-    check_outputs(args.output)
+    check_outputs(figures=[args.output])
     results = results_of_files(args.results, rows_by=args.rows_by)
     if args.probe:
         results = [r for r in results if r.probe in args.probe]
@@ -160,7 +168,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     labels = args.labels.split(",") if args.labels else unique_labels(args.models)
     config = _config_from_args(args)
     out = args.out or Path(args.output).with_suffix(".json")
-    check_outputs(out, args.output, args.csv, append_to=out if args.append else None)
+    check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.output])
     with _collect_failures() as failures:
         results = score_models(args.models, None, config, labels=labels,
                                progress=not args.no_progress, skip_failed=True)
@@ -286,26 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_warning(message: Warning | str) -> str:
-    """How the command line shows a warning: one line, no Python source."""
-    return f"layerprobe: warning: {message}"
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    stream = file if file is not None else sys.stderr
-    with contextlib.suppress(OSError, ValueError):  # stderr gone: like warnings' own showwarning
-        print(format_warning(message), file=stream)
+def format_warning(message, category=None, filename=None, lineno=None, line=None) -> str:
+    """How the command line shows a warning: ``layerprobe: warning: <message>``, one line, no
+    Python source (a ``warnings.formatwarning``)."""
+    return f"layerprobe: warning: {message}\n"
 
 
 @contextlib.contextmanager
 def cli_warnings() -> Iterator[None]:
-    """Show warnings as ``layerprobe: warning: <message>`` while the command runs."""
-    saved = warnings.showwarning
-    warnings.showwarning = _show_warning
+    """Format warnings with :func:`format_warning` while the command runs (they are still
+    shown, filtered and recorded, e.g. by ``pytest.warns``, the usual way)."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = format_warning
     try:
         yield
     finally:
-        warnings.showwarning = saved
+        warnings.formatwarning = saved
 
 
 def _library_progress(show: bool) -> contextlib.AbstractContextManager:

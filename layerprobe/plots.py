@@ -120,6 +120,14 @@ def results_of_files(paths: Sequence[str | Path], *, rows_by: str | None = None)
     return [replace(r, label=f"{r.meta['run']}/{r.label}") for r in results]
 
 
+def check_figure_path(out: str | Path) -> Path:
+    """``out`` as a Path if it names a figure format we write, else a ValueError naming it."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"{out}: figure must be .png, .pdf or .svg")
+    return out
+
+
 def plot_layerwise(
     results: Sequence[Result],
     out: str | Path,
@@ -136,9 +144,7 @@ def plot_layerwise(
     """
     if not results:
         raise ValueError("no results to plot")
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise ValueError(f"{out}: figure must be .png, .pdf or .svg")
+    out = check_figure_path(out)
     if rows_by:
         _check_rows_by(results, rows_by)
     panels = _panels(results)

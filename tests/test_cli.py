@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -72,11 +74,19 @@ def test_unwritable_out_fails_before_scoring_and_names_the_users_path(tmp_path, 
 def test_every_output_is_checked_first(tmp_path, capsys, no_scoring, flag):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    bad = blocker / "out.json"
+    bad = blocker / ("out.png" if flag == "--plot" else "out.json")
     args = ["score", "m.pt", "--out", str(tmp_path / "r.json")] if flag != "--out" else \
         ["score", "m.pt"]
     assert cli.main([*args, flag, str(bad)]) == 1
     assert f"{bad}: cannot write" in capsys.readouterr().err
+
+
+def test_a_figure_format_we_cannot_write_fails_before_scoring(tmp_path, capsys, no_scoring):
+    assert cli.main(["score", "m.pt", "--out", str(tmp_path / "r.json"), "--plot",
+                     str(tmp_path / "f.jpg")]) == 1
+    assert f"{tmp_path / 'f.jpg'}: figure must be .png, .pdf or .svg" in capsys.readouterr().err
+    assert cli.main(["compare", "a.pt", "b.pt", "-o", str(tmp_path / "c.gif")]) == 1
+    assert "c.gif: figure must be" in capsys.readouterr().err
 
 
 def test_append_to_a_broken_results_file_fails_before_scoring(tmp_path, capsys, no_scoring):
@@ -107,9 +117,8 @@ def test_overwriting_without_append_is_said(tmp_path, capsys, fake_scoring):
     out = tmp_path / "r.json"
     assert cli.main(["score", "a.pt", "--out", str(out)]) == 0
     assert "replaced" not in capsys.readouterr().err
-    assert cli.main(["score", "b.pt", "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert f"layerprobe: warning: replaced the existing {out} (--append merges" in err
+    with pytest.warns(UserWarning, match=f"^replaced the existing {out} \\(--append merges"):
+        assert cli.main(["score", "b.pt", "--out", str(out)]) == 0
     assert {r.model for r in load_results(out)} == {"b.pt"}
 
 
@@ -158,13 +167,32 @@ def test_plot_rows_by_run_and_unknown_field(tmp_path, capsys):
     assert fig.exists()
 
 
-def test_warnings_print_one_line_without_python_source(capsys):
-    with cli.cli_warnings():
-        warnings.warn("corpus has 3 bad files", UserWarning, stacklevel=1)
-    err = capsys.readouterr().err
-    assert err == "layerprobe: warning: corpus has 3 bad files\n"
-    assert cli.format_warning(UserWarning("x")) == "layerprobe: warning: x"
-    assert warnings.showwarning is not cli._show_warning  # restored afterwards
+WARNER = """
+import warnings
+from layerprobe import cli
+with cli.cli_warnings():
+    warnings.warn("corpus has 3 bad files", UserWarning, stacklevel=1)
+warnings.warn("after the command", UserWarning, stacklevel=1)
+"""
+
+
+def test_warnings_print_one_line_without_python_source(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "warner.py"
+    script.write_text(WARNER)
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(root)}, timeout=120)
+    lines = done.stderr.splitlines()
+    assert lines[0] == "layerprobe: warning: corpus has 3 bad files"
+    assert "warner.py:6: UserWarning: after the command" in lines[1]  # Python's format is back
+    assert lines[2].strip().startswith("warnings.warn(")  # ... with its source line
+    assert len(lines) == 3
+    assert cli.format_warning(UserWarning("x")) == "layerprobe: warning: x\n"
+
+
+def test_cli_warnings_still_reach_pytest_warns():
+    with pytest.warns(UserWarning, match="recorded"), cli.cli_warnings():
+        warnings.warn("recorded", UserWarning, stacklevel=1)
 
 
 def test_every_command_has_a_description():
