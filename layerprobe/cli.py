@@ -38,6 +38,15 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fairseq-pretrained", metavar="PATH",
                         help="pretrained fairseq checkpoint giving the architecture of a "
                         "fine-tuned one saved with w2v_args=None (default: its w2v_path)")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="split seeds (re-dealt shards) for the spread of CCA scores, k-means "
+                        "seeds for MI (default: the config's, 3)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into an existing --out results file (under a file lock) "
+                        "instead of replacing it: the same model, label, probe and metric is "
+                        "replaced, other results are kept")
+    parser.add_argument("--csv", type=Path, help="also write the results as CSV, one row per "
+                        "model x probe x metric x layer (with --append: the merged file)")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -55,7 +64,7 @@ def _config_from_args(args: argparse.Namespace):
         changes["metrics"] = tuple(dict.fromkeys(metrics))
     for arg, field in (("device", "device"), ("seed", "seed"),
                        ("max_utterances", "max_utterances"), ("batch_seconds", "batch_seconds"),
-                       ("fairseq_pretrained", "fairseq_pretrained")):
+                       ("fairseq_pretrained", "fairseq_pretrained"), ("seeds", "n_seeds")):
         if getattr(args, arg) is not None:
             changes[field] = getattr(args, arg)
     if args.bf16:
@@ -69,21 +78,73 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
+def check_outputs(*paths: Path | None, append_to: Path | None = None,
+                  figures: Sequence[Path | None] = ()) -> None:
+    """Before any work: every output can be written, figures have a format we write, and a file
+    to --append to is readable."""
+    from layerprobe.atomic import check_writable
+    from layerprobe.results import load_results
+
+    if any(f is not None for f in figures):
+        from layerprobe.plots import check_figure_path
+
+        for figure in figures:
+            if figure is not None:
+                check_figure_path(figure)
+    for path in (*paths, *figures):
+        if path is not None:
+            check_writable(path)
+    if append_to is not None and append_to.exists():
+        load_results(append_to)
+
+
+def write_results(results, out: Path, *, append: bool, csv: Path | None) -> None:
+    """Write (or with ``append`` merge into) ``out`` and the optional CSV; say what happened."""
+    from layerprobe.results import append_results, save_csv, save_results
+
+    if append:
+        results, replaced = append_results(results, out)
+        print(f"wrote {out} (merged: {len(results)} result(s) in the file, "
+              f"{replaced} replaced)")
+    else:
+        existed = out.exists()
+        save_results(results, out)
+        if existed:
+            warnings.warn(f"replaced the existing {out} (--append merges into it instead)",
+                          UserWarning, stacklevel=2)
+        print(f"wrote {out}")
+    if csv is not None:
+        print(f"wrote {save_csv(results, csv)}")
+
+
+def _label_for_file(model: str, append_to: Path | None) -> str:
+    """The default label of ``model``: its label in a file appended to if it is there already
+    (so that its results get replaced), else one unique among that file's other models."""
+    from layerprobe.labels import unique_labels
+    from layerprobe.results import load_results
+
+    existing = load_results(append_to) if append_to is not None and append_to.is_file() else []
+    mine = [r.label for r in existing if r.model == str(model)]
+    if mine:
+        return mine[0]
+    others = dict.fromkeys(r.model for r in existing)
+    return unique_labels([*others, str(model)])[-1]
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    from layerprobe.results import save_results
-    from layerprobe.score import model_label, score_model, summary_table
+    from layerprobe.score import score_model, summary_table
 
     config = _config_from_args(args)
-    label = args.label or model_label(args.model)
+    label = args.label or _label_for_file(args.model, args.out if args.append else None)
+    out = args.out or Path("results") / f"{_safe_name(label)}.json"
+    check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.plot])
     with _collect_failures() as failures:
         results = score_model(args.model, None, config, label=label,
                               progress=not args.no_progress, skip_failed=True)
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
-    out = args.out or Path("results") / f"{_safe_name(label)}.json"
-    save_results(results, out)
     print(summary_table(results))
-    print(f"wrote {out}")
+    write_results(results, out, append=args.append, csv=args.csv)
     if args.plot:
         from layerprobe.plots import plot_layerwise
 
@@ -92,10 +153,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from layerprobe.plots import plot_layerwise
-    from layerprobe.results import load_results
+    from layerprobe.plots import plot_layerwise, results_of_files
 
-    results = [r for path in args.results for r in load_results(path)]
+    check_outputs(figures=[args.output])
+    results = results_of_files(args.results, rows_by=args.rows_by)
     if args.probe:
         results = [r for r in results if r.probe in args.probe]
     if args.metric:
@@ -107,23 +168,36 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from layerprobe.labels import unique_labels
     from layerprobe.plots import plot_layerwise
-    from layerprobe.results import save_results
     from layerprobe.score import score_models, summary_table
 
-    labels = args.labels.split(",") if args.labels else None
+    labels = args.labels.split(",") if args.labels else unique_labels(args.models)
     config = _config_from_args(args)
+    out = args.out or Path(args.output).with_suffix(".json")
+    check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.output])
     with _collect_failures() as failures:
         results = score_models(args.models, None, config, labels=labels,
                                progress=not args.no_progress, skip_failed=True)
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
-    out = args.out or Path(args.output).with_suffix(".json")
-    save_results(results, out)
     print(summary_table(results))
-    print(f"wrote {out}")
+    write_results(results, out, append=args.append, csv=args.csv)
     print(f"wrote {plot_layerwise(results, args.output, title=args.title)}")
     return _report_failures(failures)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from layerprobe.results import load_results, results_to_csv, save_csv
+
+    if str(args.csv) != "-":
+        check_outputs(args.csv)
+    results = [r for path in args.results for r in load_results(path)]
+    if str(args.csv) == "-":
+        sys.stdout.write(results_to_csv(results))
+    else:
+        print(f"wrote {save_csv(results, args.csv)}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -168,17 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--plot", type=Path, help="also draw the curves to this PNG/PDF")
     score.set_defaults(func=cmd_score)
 
-    plot = sub.add_parser("plot", help="draw layerwise curves from results JSON files")
+    plot = sub.add_parser("plot", help="draw layerwise curves from results JSON files",
+                          description="Draw one panel per probe and metric and one curve per "
+                          "result label from results JSON files (score, compare, or a "
+                          "pretraining run's profile.json). Labels that occur in several files "
+                          "are prefixed with the file's run (its folder name).")
     plot.add_argument("results", nargs="+", type=Path, help="results JSON files")
     plot.add_argument("-o", "--output", type=Path, required=True, help="figure (.png/.pdf/.svg)")
     plot.add_argument("--title")
     plot.add_argument("--probe", action="append", help="keep only this probe (repeatable)")
     plot.add_argument("--metric", action="append", help="keep only this metric (repeatable)")
-    plot.add_argument("--rows-by", help="meta field giving one row of panels per value "
-                      "(e.g. schedule)")
+    plot.add_argument("--rows-by", help="meta field giving one row of panels per value, each "
+                      "row with its own colour scale: e.g. run (the file's folder unless the "
+                      "results name one), schedule, iteration")
     plot.set_defaults(func=cmd_plot)
 
-    compare = sub.add_parser("compare", help="score several models on the same items and plot")
+    compare = sub.add_parser("compare", help="score several models on the same items and plot",
+                             description="Score several models on exactly the same corpus items "
+                             "(one probe plan, one seed), print a table, write results JSON and "
+                             "draw the curves. Default labels are the shortest path endings that "
+                             "tell the models apart (runs/demo/it1/ckpt.pt -> demo/it1).")
     compare.add_argument("models", nargs="+", help="model specs (checkpoints, HF folders/ids)")
     _analysis_arguments(compare)
     compare.add_argument("-o", "--output", type=Path, required=True, help="figure (.png/.pdf)")
@@ -187,25 +270,70 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--title")
     compare.set_defaults(func=cmd_compare)
 
+    export = sub.add_parser("export", help="convert results JSON files to CSV",
+                            description="Write the results of one or more results JSON files "
+                            "as CSV: one row per model x probe x metric x layer, columns "
+                            "model, label, corpus, probe, metric, layer, score, std.")
+    export.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    export.add_argument("--csv", type=Path, required=True, help="CSV file to write ('-': stdout)")
+    export.set_defaults(func=cmd_export)
+
     from layerprobe.synth import add_synth_arguments, run_synth
 
-    synth = sub.add_parser("synth", help="synthesize an aligned corpus (audio + TextGrids)")
+    synth = sub.add_parser("synth", help="synthesize an aligned corpus (audio + TextGrids)",
+                           description="Synthesize an English corpus with festival/flite voices: "
+                           "16 kHz FLAC audio with word and phone TextGrid alignments and a "
+                           "transcript list, usable by score, compare and pretrain.")
     add_synth_arguments(synth)
     synth.set_defaults(func=run_synth)
 
     from pretraining.cli import add_pretrain_arguments, run_pretrain
 
     pretrain = sub.add_parser("pretrain", help="pretrain HuBERT under a schedule, profiling "
-                              "every iteration")
+                              "every iteration",
+                              description="Pretrain a HuBERT model for N iterations of k-means "
+                              "targets under a schedule (original, progressive, ...), writing "
+                              "it*/ckpt.pt per iteration, profiling each checkpoint layerwise "
+                              "(it*/probe.json, profile.json, profile.png) and resuming with "
+                              "--resume.")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(func=run_pretrain)
     return parser
 
 
+def format_warning(message, category=None, filename=None, lineno=None, line=None) -> str:
+    """How the command line shows a warning: ``layerprobe: warning: <message>``, one line, no
+    Python source (a ``warnings.formatwarning``)."""
+    return f"layerprobe: warning: {message}\n"
+
+
+@contextlib.contextmanager
+def cli_warnings() -> Iterator[None]:
+    """Format warnings with :func:`format_warning` while the command runs (they are still
+    shown, filtered and recorded, e.g. by ``pytest.warns``, the usual way)."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
+def _library_progress(show: bool) -> contextlib.AbstractContextManager:
+    """--no-progress also hides transformers' "Loading weights" and the hub's download bars."""
+    if show:
+        return contextlib.nullcontext()
+    from layerprobe.models.huggingface import loading_progress
+
+    return loading_progress(False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        hide = args.command in ("score", "compare") and args.no_progress
+        with cli_warnings(), _library_progress(not hide):
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"layerprobe {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from layerprobe.atomic import atomic_write  # noqa: E402
-from layerprobe.results import Result  # noqa: E402
+from layerprobe.labels import unique_labels  # noqa: E402
+from layerprobe.results import Result, load_results  # noqa: E402
 
 PROBE_ORDER = ("fbank", "phone", "word", "word-embedding")
 METRIC_NAMES = {
@@ -37,14 +39,93 @@ def _panels(results: Sequence[Result]) -> list[tuple[str, str]]:
     return sorted(keys, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
 
 
+RUN_MAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+
+
 def _colours(labels: Sequence[str]) -> dict[str, object]:
-    """Iterations get a sequential map (progression reads as colour); other labels tab10."""
-    if labels and all(_ITERATION.search(lbl) for lbl in labels):
-        cmap = plt.get_cmap("viridis")
-        n = max(len(labels) - 1, 1)
-        return {lbl: cmap(0.9 * i / n) for i, lbl in enumerate(labels)}
-    cmap = plt.get_cmap("tab10")
-    return {lbl: cmap(i % 10) for i, lbl in enumerate(labels)}
+    """Iterations get a sequential map (progression reads as colour), one map per run prefix
+    (``demo/it1``, ``p5/it1``: blues for demo, oranges for p5); other labels tab10."""
+    matches = [_ITERATION.search(lbl) for lbl in labels]
+    if not labels or not all(matches):
+        cmap = plt.get_cmap("tab10")
+        return {lbl: cmap(i % 10) for i, lbl in enumerate(labels)}
+    runs: dict[str, list[str]] = {}
+    for lbl, match in zip(labels, matches, strict=True):
+        runs.setdefault(lbl[: match.start(1)], []).append(lbl)
+    colours: dict[str, object] = {}
+    for r, members in enumerate(runs.values()):
+        if len(runs) == 1:
+            cmap, low, high = plt.get_cmap("viridis"), 0.0, 0.9
+        else:  # a lone iteration takes its run's strongest shade
+            cmap, low, high = plt.get_cmap(RUN_MAPS[r % len(RUN_MAPS)]), 0.45, 0.9
+            low = high if len(members) == 1 else low
+        n = max(len(members) - 1, 1)
+        colours.update({lbl: cmap(low + (high - low) * i / n) for i, lbl in enumerate(members)})
+    return colours
+
+
+def row_fields(results: Sequence[Result]) -> list[str]:
+    """Meta fields that can split results into rows: those with a plain (str/number) value."""
+    fields = {k for r in results for k, v in r.meta.items()
+              if isinstance(v, str | int | float | bool)}
+    return sorted(fields)
+
+
+def _check_rows_by(results: Sequence[Result], rows_by: str) -> None:
+    valid = row_fields(results)
+    if rows_by not in valid:
+        raise ValueError(f"rows by {rows_by!r}: not a meta field of these results with plain "
+                         f"values; valid fields: {', '.join(valid) or '(none)'}")
+
+
+def _file_runs(paths: Sequence[Path]) -> list[str]:
+    """A run name per results file: its folder's (``runs/p5/profile.json`` -> ``p5``), or the
+    file's own name when files share a folder."""
+    folders = [p.resolve().parent for p in paths]
+    distinct = len(set(folders)) == len(set(p.resolve() for p in paths))
+    return unique_labels([str(f) for f in folders] if distinct else [str(p) for p in paths])
+
+
+def _distinct_labels(results: Sequence[Result]) -> list[Result]:
+    """Results whose label is shared by several models get labels that tell the models apart."""
+    models_of: dict[str, list[str]] = {}
+    for r in results:
+        models_of.setdefault(r.label, [])
+        if r.model not in models_of[r.label]:
+            models_of[r.label].append(r.model)
+    renamed = {(label, model): new for label, models in models_of.items() if len(models) > 1
+               for model, new in zip(models, unique_labels(models), strict=True)}
+    return [replace(r, label=renamed.get((r.label, r.model), r.label)) for r in results]
+
+
+def results_of_files(paths: Sequence[str | Path], *, rows_by: str | None = None) -> list[Result]:
+    """The results of several files, ready to plot together.
+
+    Each result gets ``meta["run"]`` (its own, else the file's run: see ``_file_runs``). When a
+    label occurs in several files, every label becomes ``<run>/<label>`` so that curves of
+    different runs stay apart (unless ``rows_by`` is ``"run"``: each run has its own row then).
+    """
+    paths = [Path(p) for p in paths]
+    per_file = [_distinct_labels(load_results(p)) for p in paths]
+    runs = _file_runs(paths)
+    per_file = [[replace(r, meta={**r.meta, "run": str(r.meta.get("run", run))}) for r in rs]
+                for rs, run in zip(per_file, runs, strict=True)]
+    files_of_label: dict[str, set[int]] = {}
+    for i, rs in enumerate(per_file):
+        for r in rs:
+            files_of_label.setdefault(r.label, set()).add(i)
+    results = [r for rs in per_file for r in rs]
+    if rows_by == "run" or all(len(files) == 1 for files in files_of_label.values()):
+        return results
+    return [replace(r, label=f"{r.meta['run']}/{r.label}") for r in results]
+
+
+def check_figure_path(out: str | Path) -> Path:
+    """``out`` as a Path if it names a figure format we write, else a ValueError naming it."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"{out}: figure must be .png, .pdf or .svg")
+    return out
 
 
 def plot_layerwise(
@@ -56,21 +137,24 @@ def plot_layerwise(
 ) -> Path:
     """Draw a panel per (probe, metric) and a curve per result label; write PNG or PDF.
 
-    ``rows_by`` names a ``meta`` field (e.g. ``"schedule"``): one row of panels per value, in the
-    order of first appearance, sharing each column's y axis.
+    ``rows_by`` names a ``meta`` field (e.g. ``"schedule"``, ``"run"``): one row of panels per
+    value, in the order of first appearance, sharing each column's y axis, each row with its own
+    colour scale (an unknown field is a ValueError listing the valid ones).
     Each curve is labelled at its right end, so no legend hunting is needed.
     """
     if not results:
         raise ValueError("no results to plot")
-    out = Path(out)
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise ValueError(f"{out}: figure must be .png, .pdf or .svg")
+    out = check_figure_path(out)
+    if rows_by:
+        _check_rows_by(results, rows_by)
     panels = _panels(results)
     # rows in the order they first appear (the order of the files a user passes)
     rows = list(dict.fromkeys(str(r.meta.get(rows_by, "")) for r in results)) if rows_by \
         else [""]
     labels = sorted({r.label for r in results}, key=natural_key)
-    colours = _colours(labels)
+    colours = {row: _colours(sorted({r.label for r in results
+                                     if not rows_by or str(r.meta.get(rows_by, "")) == row},
+                                    key=natural_key)) for row in rows}
     fig, axes = plt.subplots(
         len(rows), len(panels), figsize=(3.6 * len(panels) + 0.8, 2.9 * len(rows) + 0.6),
         squeeze=False, sharey="col" if len(rows) > 1 else False,
@@ -82,10 +166,10 @@ def plot_layerwise(
                       and (not rows_by or str(r.meta.get(rows_by, "")) == row)]
             for r in sorted(chosen, key=lambda r: natural_key(r.label)):
                 ax.plot(r.layers, r.scores, marker="o", markersize=3, linewidth=1.6,
-                        color=colours[r.label], label=r.label)
+                        color=colours[row][r.label], label=r.label)
                 ax.annotate(r.label, (r.layers[-1], r.scores[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=7, va="center",
-                            color=colours[r.label])
+                            color=colours[row][r.label])
             heading = f"{probe} · {METRIC_NAMES.get(metric, metric)}"
             ax.set_title(f"{row} — {heading}" if row else heading, fontsize=10)
             ax.set_xlabel("layer (0 = transformer input)")
@@ -101,12 +185,17 @@ def plot_layerwise(
             legend.setdefault(name, handle)
     names = sorted(legend, key=natural_key)
     handles = [legend[name] for name in names]
-    if len(labels) > 1 and handles:
+    one_colour_each = all(len({str(colours[row][lbl]) for row in rows if lbl in colours[row]})
+                          == 1 for lbl in labels)
+    if not one_colour_each:  # rows colour the same label differently: each curve is annotated
+        handles = []
+    show_legend = len(labels) > 1 and bool(handles)
+    if show_legend:
         fig.legend(handles, names, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
                    frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 if len(labels) > 1 else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if show_legend else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(out, lambda handle: fig.savefig(handle, format=out.suffix[1:], dpi=150))

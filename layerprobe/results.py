@@ -9,18 +9,27 @@ Every plot and comparison reads this format. A file looks like::
 
 ``std`` (optional) is the per-layer spread of the score: the standard deviation over seeds
 (re-dealt splits for CCA metrics, k-means seeds for MI); ``details["spread"]`` says what varied.
+
+:func:`append_results` merges into an existing file under an exclusive ``fcntl.flock`` on a
+sidecar ``<file>.lock`` (POSIX only), so concurrent writers of one file keep each other's results.
+:func:`results_to_csv` flattens results to one row per model x probe x metric x layer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import fcntl
+import io
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerprobe.atomic import atomic_write_text
+from layerprobe.atomic import atomic_write_text, current_umask
 
 RESULTS_FORMAT = "layerprobe-results-v1"
 
@@ -69,24 +78,35 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def merge_key(self) -> tuple[str, str, str, str]:
+        """Results with the same key replace each other when merged into a file."""
+        return (self.model, self.label, self.probe, self.metric)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> Result:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: result entry is not an object: {data!r:.60}")
         required = ("model", "label", "corpus", "probe", "metric", "layers", "scores")
         missing = [k for k in required if k not in data]
         if missing:
             raise ValueError(f"{source}: result entry lacks {missing}")
-        return cls(
-            model=str(data["model"]),
-            label=str(data["label"]),
-            corpus=str(data["corpus"]),
-            probe=str(data["probe"]),
-            metric=str(data["metric"]),
-            layers=[int(v) for v in data["layers"]],
-            scores=[float(v) for v in data["scores"]],
-            details=dict(data.get("details", {})),
-            meta=dict(data.get("meta", {})),
-            std=None if data.get("std") is None else [float(v) for v in data["std"]],
-        )
+        where = f"{source}: result {data['label']!s} ({data['probe']}/{data['metric']})"
+        try:
+            return cls(
+                model=str(data["model"]),
+                label=str(data["label"]),
+                corpus=str(data["corpus"]),
+                probe=str(data["probe"]),
+                metric=str(data["metric"]),
+                layers=[int(v) for v in data["layers"]],
+                scores=[float(v) for v in data["scores"]],
+                details=dict(data.get("details", {})),
+                meta=dict(data.get("meta", {})),
+                std=None if data.get("std") is None else [float(v) for v in data["std"]],
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
 
 
 def save_results(results: Sequence[Result], path: str | Path) -> Path:
@@ -108,4 +128,85 @@ def load_results(path: str | Path) -> list[Result]:
         raise ValueError(
             f"{path}: not a layerprobe results file (expected format {RESULTS_FORMAT!r})"
         )
-    return [Result.from_dict(d, source=str(path)) for d in payload.get("results", [])]
+    entries = payload.get("results", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: \"results\" must be a list")
+    return [Result.from_dict(d, source=str(path)) for d in entries]
+
+
+def merge_results(existing: Sequence[Result], new: Sequence[Result]) -> tuple[list[Result], int]:
+    """``existing`` with each result of ``new`` replacing the one with the same
+    :attr:`Result.merge_key` (in place) or appended; returns (merged, number replaced)."""
+    merged = list(existing)
+    index = {r.merge_key: i for i, r in enumerate(merged)}
+    replaced = 0
+    for r in new:
+        if r.merge_key in index:
+            merged[index[r.merge_key]] = r
+            replaced += 1
+        else:
+            index[r.merge_key] = len(merged)
+            merged.append(r)
+    return merged, replaced
+
+
+def lock_path(path: str | Path) -> Path:
+    """The sidecar lock file of a results file: ``<file>.lock``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a ``flock`` on its sidecar ``<file>.lock``).
+
+    The lock file is left in place: removing it would let a waiting writer lock a file that a
+    third one no longer sees. POSIX only (fcntl).
+    """
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    except OSError as err:
+        raise type(err)(f"{path}: cannot create the lock file {lock} "
+                        f"({err.strerror or err})") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def append_results(results: Sequence[Result], path: str | Path) -> tuple[list[Result], int]:
+    """Merge ``results`` into the results file ``path`` (created if absent) under its lock.
+
+    A result with the same model, label, probe and metric as one in the file replaces it; the
+    others are kept. Returns (everything now in the file, number of results replaced).
+    """
+    path = Path(path)
+    with locked(path):
+        existing = load_results(path) if path.exists() else []
+        merged, replaced = merge_results(existing, results)
+        save_results(merged, path)
+    return merged, replaced
+
+
+CSV_COLUMNS = ("model", "label", "corpus", "probe", "metric", "layer", "score", "std")
+
+
+def results_to_csv(results: Sequence[Result]) -> str:
+    """One row per model x probe x metric x layer (``std`` empty where a result has none)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in results:
+        stds = r.std if r.std is not None else [None] * len(r.scores)
+        for layer, score, std in zip(r.layers, r.scores, stds, strict=True):
+            writer.writerow([r.model, r.label, r.corpus, r.probe, r.metric, layer, repr(score),
+                             "" if std is None else repr(std)])
+    return buffer.getvalue()
+
+
+def save_csv(results: Sequence[Result], path: str | Path) -> Path:
+    """Write :func:`results_to_csv` atomically."""
+    return atomic_write_text(path, results_to_csv(results))

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 
 from layerprobe.plots import natural_key, plot_layerwise
-from layerprobe.results import RESULTS_FORMAT, Result, load_results, save_results
+from layerprobe.results import (
+    CSV_COLUMNS,
+    RESULTS_FORMAT,
+    Result,
+    append_results,
+    load_results,
+    lock_path,
+    merge_results,
+    results_to_csv,
+    save_csv,
+    save_results,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _result(label: str, probe: str = "word", metric: str = "pwcca", shift: float = 0.0) -> Result:
@@ -81,3 +100,82 @@ def test_plot_rejects_bad_input(tmp_path):
         plot_layerwise([], tmp_path / "x.png")
     with pytest.raises(ValueError, match="must be .png"):
         plot_layerwise([_result("a")], tmp_path / "x.jpg")
+
+
+def test_load_names_the_file_for_a_bad_score(tmp_path):
+    entry = _result("it1").to_dict()
+    entry["scores"][2] = "x"
+    path = tmp_path / "bad_score.json"
+    path.write_text(json.dumps({"format": RESULTS_FORMAT, "results": [entry]}))
+    with pytest.raises(ValueError, match="bad_score.json: result it1 \\(word/pwcca\\): could "
+                       "not convert string to float: 'x'"):
+        load_results(path)
+    entry["scores"][2] = float("inf")
+    path.write_text(json.dumps({"format": RESULTS_FORMAT, "results": [entry]}))
+    with pytest.raises(ValueError, match="bad_score.json: .*non-finite score at layers \\[2\\]"):
+        load_results(path)
+
+
+def test_merge_replaces_same_model_label_probe_metric():
+    a, b = _result("a"), _result("b")
+    a_new = replace(a, scores=[0.5] * 5)
+    a_mi = replace(a, metric="mi")
+    merged, replaced = merge_results([a, b], [a_new, a_mi])
+    assert merged == [a_new, b, a_mi] and replaced == 1
+    other_model = replace(a, model="elsewhere/a.pt")
+    assert merge_results([a], [other_model]) == ([a, other_model], 0)
+
+
+def test_append_creates_merges_and_keeps_std(tmp_path):
+    path = tmp_path / "r.json"
+    with_std = replace(_result("a"), std=[0.01] * 5)
+    assert append_results([with_std], path) == ([with_std], 0)
+    merged, replaced = append_results([_result("b")], path)
+    assert replaced == 0 and load_results(path) == merged == [with_std, _result("b")]
+    assert load_results(path)[0].std == [0.01] * 5
+    newer = replace(with_std, scores=[0.3] * 5)
+    assert append_results([newer], path) == ([newer, _result("b")], 1)
+    assert lock_path(path).exists()  # the sidecar lock stays (see results.locked)
+
+
+def test_append_refuses_a_file_that_is_not_results(tmp_path):
+    path = tmp_path / "notes.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="notes.json: not a layerprobe results file"):
+        append_results([_result("a")], path)
+    assert path.read_text() == "{}"
+
+
+APPENDER = """
+import sys
+from layerprobe.results import Result, append_results
+model, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    r = Result(model, model, "bundled", f"probe{i}", "pwcca", [0, 1], [0.1, 0.2 + i / 100])
+    append_results([r], sys.argv[3])
+"""
+
+
+def test_concurrent_appends_keep_every_result(tmp_path):
+    path = tmp_path / "shared.json"
+    n = 15
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, model, str(n), str(path)],
+                              cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+             for model in ("first.pt", "second.pt")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    keys = {(r.model, r.probe) for r in load_results(path)}
+    assert keys == {(m, f"probe{i}") for m in ("first.pt", "second.pt") for i in range(n)}
+
+
+def test_csv_has_a_row_per_model_probe_metric_layer(tmp_path):
+    results = [replace(_result("a"), std=[0.0, 0.1, 0.2, 0.3, 0.4]),
+               _result("b", probe="phone", metric="mi")]
+    rows = list(csv.DictReader(io.StringIO(results_to_csv(results))))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 10
+    assert rows[3] == {"model": "runs/a.pt", "label": "a", "corpus": "bundled", "probe": "word",
+                       "metric": "pwcca", "layer": "3", "score": repr(0.1 * 3),
+                       "std": "0.3"}
+    assert rows[7]["probe"] == "phone" and rows[7]["metric"] == "mi" and rows[7]["std"] == ""
+    assert [float(r["score"]) for r in rows[5:]] == results[1].scores
+    path = save_csv(results, tmp_path / "r.csv")
+    assert path.read_text() == results_to_csv(results)

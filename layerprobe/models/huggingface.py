@@ -4,13 +4,16 @@ Models run through transformers itself (``AutoModel``), so any of these architec
 States are captured with hooks on the encoder blocks (a pre-hook on block 0 for state 0, a forward
 hook on every block), which gives the convention of :mod:`layerprobe.models.base` independently
 of the transformers version. Hub ids are looked up in the local cache first; offline mode
-(``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``) never touches the network.
+(``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``) never touches the network, and a hub that
+cannot be reached (one quick connection attempt) fails at once instead of after retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,61 @@ def offline_mode() -> bool:
     truthy = {"1", "true", "yes", "on"}
     return any(os.environ.get(v, "").strip().lower() in truthy
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+_SHOW_PROGRESS = True  # see loading_progress
+
+
+@contextlib.contextmanager
+def loading_progress(show: bool) -> Iterator[None]:
+    """Within the block, models load with (``show``) or without transformers' and the hub's
+    progress bars ("Loading weights", downloads); the CLI's ``--no-progress`` uses it."""
+    global _SHOW_PROGRESS
+    saved, _SHOW_PROGRESS = _SHOW_PROGRESS, show
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS = saved
+
+
+@contextlib.contextmanager
+def _library_bars() -> Iterator[None]:
+    if _SHOW_PROGRESS:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+HUB_CONNECT_TIMEOUT = 3.0  # seconds for the one reachability check before downloading
+
+
+def hub_unreachable_reason(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the hub endpoint (HF_ENDPOINT) cannot be reached now, or None if a TCP connection
+    opens; one attempt, no retries. Behind a proxy (``*_PROXY`` set) it is not checked."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host = url.hostname or ""
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot reach {constants.ENDPOINT} ({err.strerror or err})"
+    return None
 
 
 def _fetch_hint(spec: str) -> str:
@@ -121,8 +179,10 @@ def _do_normalize(spec: str, *, local_files_only: bool) -> bool:
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(spec, "preprocessor_config.json", local_files_only=local_files_only,
-                            _raise_exceptions_for_missing_entries=False)
+        with _library_bars():
+            found = cached_file(spec, "preprocessor_config.json",
+                                local_files_only=local_files_only,
+                                _raise_exceptions_for_missing_entries=False)
     except OSError:
         return False
     if found is None:
@@ -155,12 +215,13 @@ def _set_preprocessing(model: HuggingFaceLayerModel, do_normalize: bool) -> None
 def _from_pretrained(spec: str, *, local_files_only: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
-    if config.model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"{spec}: unsupported model type {config.model_type!r} "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
-    return AutoModel.from_pretrained(spec, config=config, local_files_only=local_files_only,
-                                     dtype=torch.float32)
+    with _library_bars():
+        config = AutoConfig.from_pretrained(spec, local_files_only=local_files_only)
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{spec}: unsupported model type {config.model_type!r} "
+                             f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        return AutoModel.from_pretrained(spec, config=config, local_files_only=local_files_only,
+                                         dtype=torch.float32)
 
 
 def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
@@ -185,6 +246,10 @@ def huggingface_layer_model(spec: str | Path) -> HuggingFaceLayerModel:
             raise ValueError(f"{spec!r} is not in the local Hugging Face cache and offline mode "
                              f"is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); "
                              f"{_fetch_hint(spec)}") from cached_err
+        unreachable = hub_unreachable_reason()
+        if unreachable:
+            raise ValueError(f"{spec!r} is not in the local Hugging Face cache and the hub is "
+                             f"out of reach: {unreachable}; {_fetch_hint(spec)}") from cached_err
         try:
             model = _from_pretrained(spec, local_files_only=False)
             local = False
