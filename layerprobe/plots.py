@@ -159,6 +159,7 @@ def plot_layerwise(
         len(rows), len(panels), figsize=(3.6 * len(panels) + 0.8, 2.9 * len(rows) + 0.6),
         squeeze=False, sharey="col" if len(rows) > 1 else False,
     )
+    spread = False
     for row_index, row in enumerate(rows):
         for col, (probe, metric) in enumerate(panels):
             ax = axes[row_index][col]
@@ -167,6 +168,12 @@ def plot_layerwise(
             for r in sorted(chosen, key=lambda r: natural_key(r.label)):
                 ax.plot(r.layers, r.scores, marker="o", markersize=3, linewidth=1.6,
                         color=colours[row][r.label], label=r.label)
+                if r.std is not None:  # the spread over seeds: a band of +-1 std
+                    low = [s - d for s, d in zip(r.scores, r.std, strict=True)]
+                    high = [s + d for s, d in zip(r.scores, r.std, strict=True)]
+                    ax.fill_between(r.layers, low, high, color=colours[row][r.label],
+                                    alpha=0.2, linewidth=0)
+                    spread = True
                 ax.annotate(r.label, (r.layers[-1], r.scores[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=7, va="center",
                             color=colours[row][r.label])
@@ -195,7 +202,10 @@ def plot_layerwise(
                    frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 if show_legend else 0, 1, 1))
+    if spread:
+        fig.text(0.995, 0.005, "bands: ±1 std over seeds (split seeds for CCA, k-means seeds "
+                 "for MI)", ha="right", va="bottom", fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.06 if show_legend else 0.02 if spread else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(out, lambda handle: fig.savefig(handle, format=out.suffix[1:], dpi=150))

@@ -78,3 +78,23 @@ def test_one_label_for_several_models_in_a_file_is_told_apart(tmp_path):
     path = save_results([replace(a, model="runs/demo/it1/ckpt.pt"),
                          replace(b, model="runs/p5/it1/ckpt.pt")], tmp_path / "r.json")
     assert [r.label for r in results_of_files([path])] == ["demo/it1", "p5/it1"]
+
+
+def test_the_spread_is_drawn_as_a_band_around_each_curve(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    bands = []
+    original = matplotlib.axes.Axes.fill_between
+
+    def record(self, x, low, high, **kw):
+        bands.append((list(x), list(low), list(high)))
+        return original(self, x, low, high, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", record)
+    with_std = replace(_run_results(1, "p")[0], std=[0.01, 0.02, 0.05])
+    without = replace(_run_results(2, "p")[1], label="no-spread")
+    plot_layerwise([with_std, without], tmp_path / "f.png")
+    assert len(bands) == 1  # a result without std draws no band
+    x, low, high = bands[0]
+    assert x == [0, 1, 2]
+    assert low == pytest.approx([0.09, 0.18, 0.25]) and high == pytest.approx([0.11, 0.22, 0.35])
