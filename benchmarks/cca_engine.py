@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from layerprobe.cca import EPS_GRID, assign_splits, cca_score_moments
+from layerprobe.cca import EPS_GRID, assign_splits, cca_score, cca_score_moments
 from layerprobe.stats import Moments
 
 
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--ref-layers", type=int, default=1, help="layers timed on the per-layer path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--array", action="store_true",
+                    help="also time the array entry point cca_score on a float64 [L, n, dx] array")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for the whole run (default: torch's)")
     a = ap.parse_args()
@@ -155,9 +157,21 @@ def main() -> None:
           f"{sum(t.numel() * t.element_size() for t in (mom.xx, mom.xy, mom.yy)) / 1e9:.2f} GB; "
           f"peak RSS {peak_rss_gb():.2f} GB (before: {rss0:.2f} GB)")
     print(f"engine scores: {np.round(res.scores, 4).tolist()}")
+    if a.array:
+        x64, y64 = x.double(), y.double()
+        t = time.perf_counter()
+        arr = cca_score(x64, y64, split=split, device=a.device)
+        array_time = time.perf_counter() - t
+        del x64, y64
+        print(f"array entry cca_score (float64 array): {array_time:.2f} s = "
+              f"{array_time / floor:.2f} x Gram floor (streaming engine: {engine / floor:.2f} x); "
+              f"max |score diff| vs streaming {np.abs(np.subtract(arr.scores, res.scores)).max():.1e}")
 
     # 3. per-layer path on a few layers, one trial each (the engine's first trial)
     per_trial, diffs = [], []
+    if a.ref_layers < 1:
+        print(f"RATIOS: engine / Gram floor = {engine / floor:.2f} (target <= 2)")
+        return
     for layer in range(min(a.ref_layers, L)):
         xl = x[layer].double().numpy()
         yl = y.double().numpy()

@@ -824,7 +824,7 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
 
 def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_grid=EPS_GRID,
               seed: int = 0, device=None, metric: str = "pwcca", split=None,
-              chunk_rows: int = 8192, n_seeds: int = 1, shards_per_split: int | None = None
+              chunk_rows: int = 4096, n_seeds: int = 1, shards_per_split: int | None = None
               ) -> CCAResult:
     """Held-out protocol on arrays: x ``[L, n, dx]`` or ``[n, dx]``, y ``[n, dy]``.
 
@@ -844,9 +844,18 @@ def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_g
     split = torch.as_tensor(np.asarray(split), dtype=torch.int64)
     if split.shape != (n,):
         raise ValueError(f"cca_score: split must be [{n}], got {tuple(split.shape)}")
-    mom = Moments.empty(L, dx, ys.shape[1], n_splits * shards_per_split, device=device)
-    for start in range(0, n, chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        mom.update(xs[:, sl], ys[sl], split[sl])
+    n_shards = n_splits * shards_per_split
+    mom = Moments.empty(L, dx, ys.shape[1], n_shards, device=device, buffer_rows=chunk_rows)
+    if split.numel() and (int(split.min()) < 0 or int(split.max()) >= n_shards):
+        raise ValueError(f"cca_score: split ids must lie in [0, {n_shards}), got "
+                         f"[{int(split.min())}, {int(split.max())}]")
+    # rows of one shard at a time: blocks of chunk_rows go straight into one Gram matmul each
+    order = torch.argsort(split, stable=True)
+    bounds = torch.bincount(split, minlength=n_shards).cumsum(0).tolist()
+    for s in range(n_shards):
+        rows = order[(bounds[s - 1] if s else 0):bounds[s]]
+        for start in range(0, rows.numel(), chunk_rows):
+            idx = rows[start:start + chunk_rows]
+            mom.update(xs.index_select(1, idx), ys.index_select(0, idx), s)
     return cca_score_moments(mom, n_trials=n_trials, eps_grid=eps_grid, seed=seed, metric=metric,
                              device=device, n_splits=n_splits, n_seeds=n_seeds)

@@ -172,6 +172,12 @@ class Moments:
         if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
             _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
         _check_finite(y, name="Moments.update: y", layered=False)
+        if n >= self.buffer_rows and bool((split_t == split_t[0]).all()):
+            # a large block of one split: fold it in directly (no buffer copy, one big Gram)
+            self.flush()
+            with _cpu_threads(1 if self.device.type == "cpu" else None):
+                self._add_block(x, y, int(split_t[0]))
+            return
         buf_dtype = self.dtype if x.dtype in (torch.float64, self.dtype) else torch.float32
         if self._buf_x is not None and \
                 torch.promote_types(buf_dtype, self._buf_x.dtype) != self._buf_x.dtype:
@@ -224,16 +230,22 @@ class Moments:
         for s, c in enumerate(counts):
             if c == 0:
                 continue
-            xs = xs_all[:, start:start + c].to(self.dtype)  # [L, c, dx]
-            ys = ys_all[start:start + c]
+            self._add_block(xs_all[:, start:start + c], ys_all[start:start + c], s)
             start += c
-            with _cpu_threads(self._threads):
-                self.xx[s].baddbmm_(xs.mT, xs)
-                self.xy[s].add_(torch.matmul(xs.mT, ys))
-            self.yy[s].addmm_(ys.T, ys)
-            self.sum_x[s].add_(xs.sum(dim=1))
-            self.sum_y[s].add_(ys.sum(dim=0))
-            self.count[s] += c
+
+    def _add_block(self, x: torch.Tensor, y: torch.Tensor, s: int) -> None:
+        """Add rows x ``[L, c, dx]``, y ``[c, dy]`` of split ``s`` (the Gram matmuls use the
+        caller's thread count)."""
+        xs = x.to(self.dtype)
+        ys = y.to(self.dtype)
+        with _cpu_threads(self._threads):
+            self.xx[s].baddbmm_(xs.mT, xs)
+            self.xy[s].add_(torch.matmul(xs.mT, ys))
+        self.yy[s].addmm_(ys.T, ys)
+        self.sum_x[s].add_(xs.sum(dim=1))
+        self.sum_y[s].add_(ys.sum(dim=0))
+        self.count[s] += xs.shape[1]
+        self._total = None
 
     # ------------------------------------------------------------------ combination
     def _check_compatible(self, other: Moments) -> None:
