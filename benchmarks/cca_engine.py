@@ -163,9 +163,10 @@ def main() -> None:
         arr = cca_score(x64, y64, split=split, device=a.device)
         array_time = time.perf_counter() - t
         del x64, y64
+        diff = np.abs(np.subtract(arr.scores, res.scores)).max()
         print(f"array entry cca_score (float64 array): {array_time:.2f} s = "
               f"{array_time / floor:.2f} x Gram floor (streaming engine: {engine / floor:.2f} x); "
-              f"max |score diff| vs streaming {np.abs(np.subtract(arr.scores, res.scores)).max():.1e}")
+              f"max |score diff| vs streaming {diff:.1e}")
 
     # 3. per-layer path on a few layers, one trial each (the engine's first trial)
     per_trial, diffs = [], []
