@@ -6,8 +6,10 @@ The step is :class:`pretraining.model.PretrainStep` on unpadded batches (see
 drawn on the step's device and layer drop on the host, from generators seeded by (seed,
 iteration, step, micro-batch, rank), so a resumed run draws the same ones. Loss, accuracy and
 gradient norm stay on the device and are read (a host sync) only at log steps. With
-``[train] compile`` the conv stack and each block are compiled; any error of the first compiled
-step falls back to eager for the rest of the iteration (with a warning).
+``[train] compile`` the conv stack and each block are compiled (``dynamic=True``); an error of a
+compiled step (compiling or running) redoes that step in eager mode and keeps eager for the rest
+of the iteration, with a warning. (Under DDP a failure inside the backward pass may leave the
+gradient reducer mid-way; the fallback is tested single-process.)
 
 Loss (fairseq HuBERT criterion): mean cross-entropy over masked frames
 + ``feature_penalty_weight`` × mean squared conv feature. :func:`hubert_loss` is the same loss on
@@ -206,7 +208,6 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
     stats: dict[str, Any] = {}
     sums = torch.zeros(4, device=device)  # loss, ce_masked, acc_masked, feature_pen
     window_micro, window_audio, window_start, skipped = 0, 0.0, time.perf_counter(), 0
-    first_compiled = step_module.compiled
 
     def micro_steps(micro_batches: list[Batch]) -> torch.Tensor:
         out = torch.zeros(4, device=device)
@@ -228,8 +229,7 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
         while step < steps:
             opt.zero_grad(set_to_none=True)
             micro_batches = [next(batches) for _ in range(config.grad_accum)]
-            if first_compiled:
-                first_compiled = False
+            if step_module.compiled:
                 try:
                     step_sums = micro_steps(micro_batches)
                 except Exception as err:  # any compile/runtime error of the compiled path
