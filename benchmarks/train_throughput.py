@@ -1,9 +1,9 @@
 """Training throughput of HuBERT pretraining: the old step against the new one, same run.
 
 old step: torchaudio's ``HuBERTPretrainModel`` forward (padding lengths, masks drawn on the host,
-logits of every frame against every class) + ``hubert_loss`` + AdamW. new step:
+logits of every frame against every class) + ``hubert_loss`` + torch's default AdamW. new step:
 ``pretraining.model.PretrainStep`` (unpadded batch, masks drawn on the step's device, matmul
-logits) + AdamW (fused on CUDA), as ``pretraining.train`` runs it. Both: batch × seconds of random
+logits) + fused AdamW, as ``pretraining.train`` runs it. Both: batch × seconds of random
 audio, random labels, grad clipping, 2 warm-up steps then ``--steps`` timed steps. Prints audio
 seconds per second, ms/step, TFLOP/step (``FlopCounterMode``), MFU of ``--peak-tflops`` (CUDA), the
 compiled new step (compile time apart), peak CUDA memory per batch-second and the largest batch of
@@ -54,7 +54,7 @@ def make_step(preset: str, kind: str, *, batch: int, seconds: float, device: tor
     torch.manual_seed(0)
     model = build_model(args).to(device).train()
     cfg = TrainConfig(bf16=bf16)
-    opt, _ = make_optimizer(model, cfg, 1000, device=device if kind == "new" else None)
+    opt, _ = make_optimizer(model, cfg, 1000, fused=kind == "new")
     n = int(seconds * SR)
     gen = torch.Generator().manual_seed(0)
     waves = torch.randn(batch, n, generator=gen).to(device)
@@ -123,14 +123,14 @@ def report(name: str, r: dict, peak_tflops: float | None) -> None:
 
 
 def profile_steps(preset: str, *, batch: int, seconds: float, device: torch.device,
-                  bf16: bool, rows: int) -> None:
-    """torch.profiler tables (self time) of one old and one new step after a warm-up step."""
+                  bf16: bool, rows: int, kinds: tuple[str, ...] = ("old", "new")) -> None:
+    """torch.profiler tables (self time) of one step of each kind after a warm-up step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for kind in ("old", "new"):
+    for kind in kinds:
         step = make_step(preset, kind, batch=batch, seconds=seconds, device=device, bf16=bf16)
         step()
         with profile(activities=activities) as prof:
@@ -214,7 +214,7 @@ def main() -> None:
         return
     if a.profile:
         profile_steps(a.preset, batch=a.batch, seconds=a.seconds, device=device, bf16=cuda,
-                      rows=a.rows)
+                      rows=a.rows, kinds=("new",) if a.skip_old else ("old", "new"))
         return
     peak = a.peak_tflops if cuda else None
     precisions = (True, False) if cuda else (False,)

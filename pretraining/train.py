@@ -1,4 +1,4 @@
-"""The training loop of one iteration: AdamW (fused on CUDA), warmup + linear decay, clipping,
+"""The training loop of one iteration: fused AdamW, warmup + linear decay, clipping,
 accumulation, bf16 autocast on CUDA, DDP under ``torchrun``, atomic resume states.
 
 The step is :class:`pretraining.model.PretrainStep` on unpadded batches (see
@@ -91,12 +91,16 @@ def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor | None, feature_pen
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int, *,
-                   device: torch.device | None = None
+                   fused: bool = True
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused kernel on CUDA) and the warmup + linear decay schedule."""
-    fused = device is not None and device.type == "cuda"
+    """AdamW and the warmup + linear decay schedule.
+
+    ``fused``: one fused kernel for all parameters (CUDA and CPU). On the CPU with the Base preset
+    torch's default per-parameter AdamW took 8.4 s of a 33 s step (torch.profiler: mul_, add_,
+    sqrt, addcdiv_ over 198 tensors), the fused one 0.8 s.
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.eps,
-                            weight_decay=config.weight_decay, fused=fused or None)
+                            weight_decay=config.weight_decay, fused=fused)
     warmup = int(config.warmup_fraction * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     return opt, sched
@@ -176,7 +180,7 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
     """
     model.to(device).train()
     mask_prob, mask_length = check_mask_settings(model)
-    opt, sched = make_optimizer(model, config, steps, device=device)
+    opt, sched = make_optimizer(model, config, steps)
     step = 0
     if resume is not None:
         if resume["iteration"] != iteration:

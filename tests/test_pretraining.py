@@ -340,8 +340,13 @@ def test_pretraining_checkpoint_round_trips_into_score(corpus, tmp_path):
     run_pretraining(cfg, tmp_path / "run", log=lambda _: None)
     run = tmp_path / "run"
     for name in ("profile.json", "profile.png", "autoencoder.json", "it1/probe.json",
-                 "it2/probe.json", "plan.json", "config.json"):
+                 "it2/probe.json", "plan.json", "config.json", "it1/label_stage.json",
+                 "it2/label_stage.json"):
         assert (run / name).is_file(), name
+    import json
+
+    stage = json.loads((run / "it2" / "label_stage.json").read_text())
+    assert stage["seconds"] > 0 and stage["utterances"] == 12 and stage["skipped"] == []
     results = score_model(run / "it2" / "ckpt.pt", corpus, AnalysisConfig(probes=("fbank",)),
                           label="it2", progress=False)
     assert len(results) == 1 and results[0].layers == [0, 1, 2]
