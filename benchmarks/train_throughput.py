@@ -4,7 +4,8 @@ old step: torchaudio's ``HuBERTPretrainModel`` forward (padding lengths, masks d
 logits of every frame against every class) + ``hubert_loss`` + torch's default AdamW. new step:
 ``pretraining.model.PretrainStep`` (unpadded batch, masks drawn on the step's device, matmul
 logits) + fused AdamW, as ``pretraining.train`` runs it. Both: batch × seconds of random
-audio, random labels, grad clipping, 2 warm-up steps then ``--steps`` timed steps. Prints audio
+audio, random labels, grad clipping, 2 warm-up steps then ``--steps`` timed rounds, the kinds
+interleaved within each round (median per kind). Prints audio
 seconds per second, ms/step, TFLOP/step (``FlopCounterMode``), MFU of ``--peak-tflops`` (CUDA), the
 compiled new step (compile time apart), peak CUDA memory per batch-second and the largest batch of
 an 80 GB card (linear fit over two batch sizes).
@@ -18,6 +19,7 @@ an 80 GB card (linear fit over two batch sizes).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +48,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(preset: str, kind: str, *, batch: int, seconds: float, device: torch.device,
+def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, device: torch.device,
               bf16: bool, compile_: bool = False):
     """A closure running one training step of ``kind`` ("old" | "new")."""
     classes = 500 if preset == "base" else 50
@@ -84,33 +86,44 @@ def make_step(preset: str, kind: str, *, batch: int, seconds: float, device: tor
     return step
 
 
-def measure(preset: str, kind: str, *, batch: int, seconds: float, steps: int,
-            device: torch.device, bf16: bool, compile_: bool = False,
-            count_flops: bool = False) -> dict:
-    """ms/step and audio-s/s over ``steps`` steps after 2 warm-up steps (compile in warm-up)."""
-    step = make_step(preset, kind, batch=batch, seconds=seconds, device=device, bf16=bf16,
-                     compile_=compile_)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    tic = time.perf_counter()
-    step()
-    _sync(device)
-    first = time.perf_counter() - tic
-    step()
-    flops = None
-    if count_flops:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
-    _sync(device)
-    tic = time.perf_counter()
-    for _ in range(steps):
+def measure_many(preset: str, kinds: dict[str, dict], *, batch: int, seconds: float,
+                 steps: int, device: torch.device, bf16: bool, count_flops: bool = False
+                 ) -> dict[str, dict]:
+    """ms/step and audio-s/s of each step kind (``name -> make_step options``), timed
+    interleaved (one step of each kind per round, median over ``steps`` rounds, so load on a
+    shared machine hits every kind alike), after 2 warm-up steps (compiling happens there)."""
+    out: dict[str, dict] = {}
+    steps_of = {}
+    for name, options in kinds.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        step = make_step(preset, batch=batch, seconds=seconds, device=device, bf16=bf16,
+                         **options)
+        tic = time.perf_counter()
         step()
-    _sync(device)
-    elapsed = (time.perf_counter() - tic) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return {"step_s": elapsed, "audio_per_s": batch * seconds / elapsed, "flops": flops,
-            "first_step_s": first, "peak_bytes": peak}
+        _sync(device)
+        first = time.perf_counter() - tic
+        step()
+        flops = None
+        if count_flops and not options.get("compile_"):
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        steps_of[name] = step
+        out[name] = {"first_step_s": first, "flops": flops, "peak_bytes": peak, "times": []}
+    for _ in range(steps):
+        for name, step in steps_of.items():
+            tic = time.perf_counter()
+            step()
+            _sync(device)
+            out[name]["times"].append(time.perf_counter() - tic)
+    for r in out.values():
+        r["step_s"] = statistics.median(r["times"])
+        r["audio_per_s"] = batch * seconds / r["step_s"]
+    return out
 
 
 def report(name: str, r: dict, peak_tflops: float | None) -> None:
@@ -144,8 +157,8 @@ def memory_fit(preset: str, seconds: float, device: torch.device, bf16: bool) ->
     """Peak memory of the new step at two batch sizes; per batch-second and the 80 GB batch."""
     points = []
     for batch in (2, 4):
-        r = measure(preset, "new", batch=batch, seconds=seconds, steps=1, device=device,
-                    bf16=bf16)
+        r = measure_many(preset, {"new": {"kind": "new"}}, batch=batch, seconds=seconds, steps=1,
+                         device=device, bf16=bf16)["new"]
         points.append((batch * seconds, r["peak_bytes"]))
         torch.cuda.empty_cache()
     (s1, m1), (s2, m2) = points
@@ -218,26 +231,36 @@ def main() -> None:
         return
     peak = a.peak_tflops if cuda else None
     precisions = (True, False) if cuda else (False,)
+    with_compile = a.compile == "yes" or (a.compile == "auto" and cuda)
     for bf16 in precisions:
         tag = "bf16" if bf16 else "fp32"
-        kw = dict(batch=a.batch, seconds=a.seconds, steps=a.steps, device=device, bf16=bf16)
-        new = measure(a.preset, "new", count_flops=True, **kw)
-        report(f"new step, eager, {tag}", new, peak)
+        kinds: dict[str, dict] = {"new": {"kind": "new"}}
         if not a.skip_old:
-            old = measure(a.preset, "old", count_flops=True, **kw)
-            report(f"old step (torchaudio), {tag}", old, peak)
+            kinds["old"] = {"kind": "old"}
+        if with_compile:
+            kinds["compiled"] = {"kind": "new", "compile_": True}
+        try:
+            res = measure_many(a.preset, kinds, batch=a.batch, seconds=a.seconds, steps=a.steps,
+                               device=device, bf16=bf16, count_flops=True)
+        except Exception as err:  # the compiled step; training would fall back to eager
+            if not with_compile:
+                raise
+            print(f"compiled new step failed ({type(err).__name__}: {str(err)[:200]})")
+            kinds.pop("compiled")
+            res = measure_many(a.preset, kinds, batch=a.batch, seconds=a.seconds, steps=a.steps,
+                               device=device, bf16=bf16, count_flops=True)
+        new = res["new"]
+        report(f"new step, eager, {tag}", new, peak)
+        if "old" in res:
+            report(f"old step (torchaudio), {tag}", res["old"], peak)
             print(f"ratio new / old throughput ({tag}): "
-                  f"{new['audio_per_s'] / old['audio_per_s']:.2f}")
-        if a.compile == "yes" or (a.compile == "auto" and cuda):
-            try:
-                comp = measure(a.preset, "new", compile_=True, **kw)
-            except Exception as err:  # report, as training would fall back to eager
-                print(f"compiled new step failed ({type(err).__name__}: {str(err)[:200]})")
-            else:
-                report(f"new step, compiled, {tag}", comp, peak)
-                print(f"compile + first step: {comp['first_step_s']:.1f} s "
-                      f"(eager first step {new['first_step_s']:.1f} s); ratio compiled / eager: "
-                      f"{comp['audio_per_s'] / new['audio_per_s']:.2f}")
+                  f"{new['audio_per_s'] / res['old']['audio_per_s']:.2f}")
+        if "compiled" in res:
+            comp = {**res["compiled"], "flops": new["flops"]}
+            report(f"new step, compiled, {tag}", comp, peak)
+            print(f"compile + first step: {comp['first_step_s']:.1f} s "
+                  f"(eager first step {new['first_step_s']:.1f} s); ratio compiled / eager: "
+                  f"{comp['audio_per_s'] / new['audio_per_s']:.2f}")
     if cuda:
         memory_fit(a.preset, a.seconds, device, bf16=True)
     else:
