@@ -262,3 +262,30 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="forced Inductor failure"):
         fallback = train(True)
     assert all(torch.equal(eager[k], fallback[k]) for k in eager)
+
+
+def test_run_with_a_corrupt_flac_completes_and_reports_it(tmp_path):
+    import json
+
+    from pretraining.config import PretrainConfig
+    from pretraining.run import run_pretraining
+
+    root = _write_audio(tmp_path / "corpus", 8, suffix=".flac")
+    _corrupt(root / "utt05.flac")
+    small = {"encoder_num_layers": 2, "encoder_embed_dim": 32, "encoder_ff_interm_features": 64,
+             "encoder_num_heads": 2, "final_dim": 16}
+    cfg = PretrainConfig.from_dict({
+        "schedule": {"name": "uniform", "iterations": 2, "total_steps": 4, "first_layer": 1,
+                     "first_clusters": 6, "last_clusters": 6, "kmeans_fraction": 1.0},
+        "model": {"preset": "tiny", "overrides": small},
+        "train": {"batch_seconds": 8.0, "save_every": 2, "log_every": 1, "device": "cpu"},
+        "kmeans": {"n_init": 1, "batch_size": 1024},
+        "data": {"path": str(root), "max_sample_seconds": 3.0},
+        "profile": {"enabled": False},
+    })
+    with pytest.warns(UserWarning, match=r"utt05\.flac"):
+        summary = run_pretraining(cfg, tmp_path / "run", log=lambda _: None)
+    assert summary.completed == (1, 2)
+    for it in (1, 2):
+        stage = json.loads((tmp_path / "run" / f"it{it}" / "label_stage.json").read_text())
+        assert stage["skipped"] == ["utt05"] and stage["utterances"] == 7
