@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = True  # autocast to bfloat16, CUDA only
+    compile: bool = False  # torch.compile the conv stack and blocks (falls back to eager on error)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     log_every: int = 10
     save_every: int = 500  # steps between resume states (always saved at the end of an iteration)

@@ -1,7 +1,13 @@
 """Pretraining data: the audio of a corpus, length-bucketed batches, random crops with labels.
 
-Batches are limited by total audio seconds *including padding* (``batch_size × longest``). The
-order of batches is a pure function of (seed, iteration, epoch), so a run resumes from an
+Batches are limited by total audio seconds *including padding* (``batch_size × longest``) and
+every utterance of a batch is cropped to the batch's shortest length (at most
+``max_sample_seconds``) at a random frame boundary, as fairseq's HuBERT dataset does without
+``pad_audio``: batches have no padding, so attention needs no mask. Length bucketing keeps the
+cropped-away audio small. An utterance whose audio cannot be decoded is skipped with a warning
+naming the file and counted (``AudioSet.failed``); it is not read again.
+
+The order of batches is a pure function of (seed, iteration, epoch), so a run resumes from an
 (epoch, position) pair; crops are drawn from a generator seeded by (seed, iteration, epoch,
 position), so they need no saved state either. Under DDP, rank ``r`` of ``w`` takes batches
 ``r, r + w, ...`` of each epoch (the tail that cannot be shared evenly is dropped).
@@ -9,8 +15,11 @@ position), so they need no saved state either. Under DDP, rank ``r`` of ``w`` ta
 
 from __future__ import annotations
 
+import queue
+import threading
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +50,8 @@ class AudioSet:
         self.items = tuple(items)
         self.cache: dict[int, torch.Tensor] | None = (
             {} if sum(it.duration for it in items) <= CACHE_LIMIT_SECONDS else None)
+        self.failed: dict[int, str] = {}  # index -> why its audio could not be read
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: DataConfig) -> AudioSet:
@@ -81,6 +92,24 @@ class AudioSet:
         if self.cache is not None:
             self.cache[index] = wave
         return wave
+
+    def try_load(self, index: int) -> torch.Tensor | None:
+        """:meth:`load`, or None (with a warning naming the file, once) if it cannot be decoded."""
+        if index in self.failed:
+            return None
+        try:
+            return self.load(index)
+        except ValueError as err:  # layerprobe.corpus.load_audio: "<path>: cannot read audio"
+            with self._lock:
+                self.failed[index] = str(err)
+            warnings.warn(f"skipping utterance {self.items[index].id!r}: {err} "
+                          f"({len(self.failed)} unreadable so far)", stacklevel=2)
+            return None
+
+    def subset(self, ids: Sequence[str]) -> AudioSet:
+        """The utterances of ``ids`` (in this set's order), sharing nothing but the items."""
+        wanted = set(ids)
+        return AudioSet([it for it in self.items if it.id in wanted])
 
 
 def list_audio(source: str | Path | None) -> list[AudioItem]:
@@ -142,37 +171,49 @@ def epoch_seed(seed: int, iteration: int, epoch: int) -> int:
 
 @dataclass
 class Batch:
-    waveforms: torch.Tensor  # [B, n] float32, zero padded
-    lengths: torch.Tensor  # [B] int64 samples
-    labels: torch.Tensor  # [B, T] int64, T = num_frames(n); padded frames are 0
-    seconds: float  # audio seconds without padding
+    waveforms: torch.Tensor  # [B, n] float32, every row n valid samples (no padding)
+    labels: torch.Tensor  # [B, T] int64, T = num_frames(n)
+    seconds: float  # audio seconds in the batch (B × n / 16 kHz)
+    state_after: dict[str, int] = field(default_factory=dict)  # stream position after it
+    skipped: tuple[int, ...] = ()  # utterances of the batch whose audio could not be read
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] int64 samples (all equal)."""
+        return torch.full((self.waveforms.shape[0],), self.waveforms.shape[1], dtype=torch.long)
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.waveforms.pin_memory(), self.labels.pin_memory(), self.seconds,
+                     self.state_after, self.skipped)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(self.waveforms.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking), self.seconds,
+                     self.state_after, self.skipped)
 
 
 def collate(waves: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], model_args: dict,
             max_samples: int, gen: torch.Generator) -> Batch:
-    """Crop waveforms longer than ``max_samples`` at a random frame boundary, pad, stack."""
+    """Crop every waveform to the batch's shortest length (at most ``max_samples``) at a random
+    frame boundary, with its labels; stack. No padding."""
+    if not waves:
+        raise ValueError("collate: empty batch")
     _, hop = receptive_field(model_args)
-    cropped_w, cropped_l = [], []
     for w, lab in zip(waves, labels, strict=True):
         expected = num_frames(model_args, w.numel())
         if lab.numel() != expected:
             raise ValueError(f"labels have {lab.numel()} frames but the audio gives {expected}")
-        if w.numel() > max_samples:
-            start = hop * int(torch.randint(0, (w.numel() - max_samples) // hop + 1, (1,),
-                                            generator=gen))
-            w = w[start:start + max_samples]
-            lab = lab[start // hop:start // hop + num_frames(model_args, w.numel())]
-        cropped_w.append(w)
-        cropped_l.append(lab)
-    n = max(w.numel() for w in cropped_w)
+    n = min(max_samples, min(w.numel() for w in waves))
     t = num_frames(model_args, n)
-    wav = torch.zeros(len(cropped_w), n)
-    lab = torch.zeros(len(cropped_w), t, dtype=torch.long)
-    for b, (w, y) in enumerate(zip(cropped_w, cropped_l, strict=True)):
-        wav[b, :w.numel()] = w
-        lab[b, :y.numel()] = y
-    lengths = torch.tensor([w.numel() for w in cropped_w], dtype=torch.long)
-    return Batch(wav, lengths, lab, float(lengths.sum()) / SAMPLE_RATE)
+    if t < 1:
+        raise ValueError(f"collate: the shortest utterance ({n} samples) gives no frame")
+    wav = torch.empty(len(waves), n)
+    lab = torch.empty(len(waves), t, dtype=torch.long)
+    for b, (w, y) in enumerate(zip(waves, labels, strict=True)):
+        start = hop * int(torch.randint(0, (w.numel() - n) // hop + 1, (1,), generator=gen))
+        wav[b] = w[start:start + n]
+        lab[b] = y[start // hop:start // hop + t]
+    return Batch(wav, lab, float(wav.numel()) / SAMPLE_RATE)
 
 
 class BatchStream:
@@ -214,8 +255,60 @@ class BatchStream:
             + self.position * 131 + self.rank)
         self.position += 1
         ids = self.audio.ids
-        return collate([self.audio.load(i) for i in index], [self.labels[ids[i]] for i in index],
-                       self.model_args, int(self.max_seconds * SAMPLE_RATE), gen)
+        waves = {i: self.audio.try_load(i) for i in index}
+        good = [i for i in index if waves[i] is not None]
+        if not good:  # every utterance of the batch is unreadable: take the next batch
+            return next(self)
+        batch = collate([waves[i] for i in good], [self.labels[ids[i]] for i in good],
+                        self.model_args, int(self.max_seconds * SAMPLE_RATE), gen)
+        batch.state_after = self.state()
+        batch.skipped = tuple(i for i in index if waves[i] is None)
+        return batch
 
     def __iter__(self) -> BatchStream:
         return self
+
+
+class Prefetcher:
+    """Batches of a stream prepared by a background thread (``depth`` ahead), in pinned memory
+    and copied to ``device`` without blocking. Resume from the consumed batch's ``state_after``,
+    not from the stream (which runs ahead)."""
+
+    def __init__(self, stream: BatchStream, device: torch.device, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"Prefetcher: depth must be >= 1, got {depth}")
+        self.stream, self.device = stream, device
+        self.pin = device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = next(self.stream)
+                item: Batch | BaseException = batch.pin_memory() if self.pin else batch
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item.to(self.device, non_blocking=self.pin)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchaudio.models import HuBERTPretrainModel, hubert_pretrain_model
 
 from layerprobe.models import ConvStack
@@ -164,3 +165,141 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"
     model = build_model(payload["model_args"])
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), payload["model_args"], payload.get("meta", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast training step: torchaudio's modules (same parameter names), our own forward and loss
+
+LOGIT_TEMPERATURE = 0.1  # torchaudio's (and fairseq's) logit_temp
+MIN_MASKS = 2  # torchaudio's MaskGenerator and fairseq HuBERT: at least two spans per utterance
+
+
+def span_mask(batch: int, frames: int, *, mask_prob: float, mask_length: int,
+              host: torch.Generator, device_gen: torch.Generator,
+              device: torch.device | str = "cpu", min_masks: int = MIN_MASKS) -> torch.Tensor:
+    """HuBERT's span mask (fairseq ``compute_mask_indices``, static lengths, overlaps allowed,
+    ``require_same_masks``) for an unpadded batch, drawn with torch on ``device``: [B, T] bool.
+
+    ``num_mask = max(min_masks, int(mask_prob * T / mask_length + u))`` span starts per row are
+    drawn without replacement from ``T - mask_length`` positions; spans cover ``mask_length``
+    frames (cut at ``T``); every row then keeps a random subset of its masked frames of the size
+    of the least-masked row. Only ``u`` is drawn on the host (``host``), so no device sync.
+    """
+    if batch < 1 or frames < 1 or mask_length < 1 or not 0.0 < mask_prob <= 1.0:
+        raise ValueError(f"span_mask: batch={batch}, frames={frames}, mask_length={mask_length}"
+                         f", mask_prob={mask_prob}: all must be positive (mask_prob <= 1)")
+    u = float(torch.rand((), generator=host))
+    num_mask = max(min_masks, int(mask_prob * frames / float(mask_length) + u))
+    min_len = mask_length
+    if frames - min_len <= num_mask:
+        min_len = frames - num_mask - 1
+    starts_range = frames - min_len  # >= num_mask + 1
+    order = torch.rand(batch, starts_range, generator=device_gen, device=device).argsort(dim=1)
+    starts = order[:, :num_mask]  # a random choice without replacement per row
+    positions = (starts[:, :, None] + torch.arange(mask_length, device=device)).reshape(batch, -1)
+    mask = torch.zeros(batch, frames + mask_length, dtype=torch.bool, device=device)
+    mask.scatter_(1, positions, True)
+    mask = mask[:, :frames]
+    keep = mask.sum(dim=1).min()
+    scores = torch.where(mask, torch.rand(batch, frames, generator=device_gen, device=device),
+                         torch.full((), 2.0, device=device))
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return mask & (rank < keep)
+
+
+def layer_keep(num_layers: int, layer_drop: float, host: torch.Generator) -> list[bool]:
+    """Which transformer blocks run this step (torchaudio: a block is skipped if u <= p)."""
+    if layer_drop <= 0:
+        return [True] * num_layers
+    return (torch.rand(num_layers, generator=host) > layer_drop).tolist()
+
+
+class PretrainStep(torch.nn.Module):
+    """Masked-prediction loss of a ``HuBERTPretrainModel`` on an unpadded batch.
+
+    The objective of torchaudio's forward + fairseq's criterion, computed without padding masks
+    (the batch is cropped to equal lengths, so attention runs without a mask and SDPA may pick
+    flash attention): conv features (gradient × ``feature_grad_mult``), feature penalty
+    ``mean(features²)``, projection, mask embedding at ``mask``, positional conv, the blocks of
+    ``keep``, cosine-similarity logits / 0.1 against the label embeddings (``[N, K]`` matmul, in
+    float32), cross-entropy averaged over masked frames. Returns tensors only (no host sync):
+    ``(loss, ce_masked, acc_masked, feature_pen)``.
+
+    ``compile_blocks()`` compiles the conv stack and each block with ``torch.compile``; layer drop
+    stays in Python between the compiled pieces. :meth:`use_eager` drops the compiled pieces.
+    """
+
+    def __init__(self, model: HuBERTPretrainModel, feature_penalty_weight: float):
+        super().__init__()
+        self.model = model
+        self.feature_penalty_weight = float(feature_penalty_weight)
+        self._compiled: dict[str, Any] = {}
+
+    def compile_blocks(self, **options: Any) -> None:
+        w2v = self.model.wav2vec2
+        self._compiled = {"conv": torch.compile(w2v.feature_extractor, **options)}
+        for i, block in enumerate(w2v.encoder.transformer.layers):
+            self._compiled[f"block{i}"] = torch.compile(block, **options)
+
+    def use_eager(self) -> None:
+        self._compiled = {}
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compiled)
+
+    def forward(self, waveforms: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                keep: list[bool] | None = None) -> tuple[torch.Tensor, ...]:
+        from torchaudio.models.wav2vec2.components import GradMultiply
+
+        if waveforms.dim() != 2 or labels.shape != mask.shape or labels.shape[0] != \
+                waveforms.shape[0]:
+            raise ValueError(f"PretrainStep: waveforms {tuple(waveforms.shape)}, labels "
+                             f"{tuple(labels.shape)} and mask {tuple(mask.shape)} do not match")
+        model, w2v = self.model, self.model.wav2vec2
+        transformer = w2v.encoder.transformer
+        conv = self._compiled.get("conv", w2v.feature_extractor)
+        x, _ = conv(waveforms, None)
+        if x.shape[1] != labels.shape[1]:
+            raise ValueError(f"PretrainStep: {labels.shape[1]} label frames, the model gives "
+                             f"{x.shape[1]}")
+        mult = model.feature_grad_mult
+        if mult is not None and mult < 1.0:
+            x = GradMultiply.apply(x, mult)
+        feature_pen = x.float().pow(2).mean()
+        x = w2v.encoder.feature_projection(x)
+        x = torch.where(mask[..., None], model.mask_generator.mask_embedding.to(x.dtype), x)
+        x = transformer._preprocess(x)
+        keep = keep if keep is not None else [True] * len(transformer.layers)
+        if len(keep) != len(transformer.layers):
+            raise ValueError(f"PretrainStep: keep has {len(keep)} entries for "
+                             f"{len(transformer.layers)} blocks")
+        for i, (block, run) in enumerate(zip(transformer.layers, keep, strict=True)):
+            if run:
+                x, _ = self._compiled.get(f"block{i}", block)(x, None)
+        if not transformer.layer_norm_first:
+            x = transformer.layer_norm(x)
+        head = model.logit_generator
+        proj = head.final_proj(x)
+        with torch.autocast(proj.device.type, enabled=False):
+            logits = masked_logits(proj.float(), head.label_embeddings.float())
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            weight = mask.flatten().float()
+            n_masked = weight.sum().clamp(min=1.0)
+            ce_masked = (ce * weight).sum() / n_masked
+            hits = (logits.detach().argmax(dim=-1).flatten() == labels.flatten()).float()
+            acc = (hits * weight).sum() / n_masked
+            loss = ce_masked + self.feature_penalty_weight * feature_pen
+        return loss, ce_masked.detach(), acc, feature_pen.detach()
+
+
+def masked_logits(proj: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity / temperature of every frame with every class: [..., D], [K, D] → [..., K].
+
+    Equals torchaudio's ``_compute_logits`` after dropping its duplicate target column (column 0
+    holds the target's similarity and the target's own column is -inf, so the cross-entropy with
+    target 0 there is the cross-entropy with the label here).
+    """
+    x = F.normalize(proj, dim=-1, eps=1e-8)
+    e = F.normalize(label_embeddings, dim=-1, eps=1e-8)
+    return x @ e.T / LOGIT_TEMPERATURE

@@ -5,6 +5,7 @@ Run folder::
     RUN_DIR/config.json   the resolved config      RUN_DIR/plan.json    the resolved plan
     RUN_DIR/state.pt      the resume state (model, optimizer, scheduler, RNG, data position)
     RUN_DIR/it{i}/labels.pt   targets of iteration i
+    RUN_DIR/it{i}/label_stage.json   seconds of its label stage (features + k-means), skipped files
     RUN_DIR/it{i}/ckpt.pt     final checkpoint of iteration i (``layerprobe score`` reads it)
     RUN_DIR/it{i}/probe.json  its layerwise scores
     RUN_DIR/profile.json, profile.png, autoencoder.json   all iterations so far
@@ -50,7 +51,7 @@ from pretraining.train import STATE_FORMAT, Dist, seed_all, train_iteration
 
 # config keys that may differ when resuming (they do not change the trained weights)
 RESUME_FREE = {("train", "log_every"), ("train", "save_every"), ("train", "device"),
-               ("train", "num_threads")}
+               ("train", "num_threads"), ("train", "compile")}
 
 
 @dataclass(frozen=True)
@@ -202,16 +203,24 @@ def _run_plan(config: PretrainConfig, run_dir: Path, dist_info: Dist, device: to
         if not ckpt.is_file():
             labels_path = it_dir / "labels.pt"
             if not labels_path.is_file() and dist_info.main:
+                tic = time.perf_counter()
                 labels = compute_labels(
                     audio.ids, audio.load, it, probe_args, config.kmeans,
                     previous_ckpt=run_dir / f"it{it.index - 1}" / "ckpt.pt" if it.index > 1
                     else None, seed=config.train.seed * 1_000 + it.index, device=device, log=log)
+                seconds = time.perf_counter() - tic
+                _write_json(it_dir / "label_stage.json", {
+                    "seconds": seconds, "targets": it.target_name, "device": str(device),
+                    "utterances": len(labels.labels), "skipped": list(labels.skipped),
+                    "audio_seconds": sum(audio.durations)})
+                log(f"iteration {it.index}: label stage {seconds:.1f} s")
                 labels.save(labels_path)
             dist_info.barrier()
             labels = Labels.load(labels_path)
+            train_audio = audio.subset(list(labels.labels)) if labels.skipped else audio
             model, args = iteration_model(config, it, run_dir)
             seed_all(config.train.seed * 1_000 + it.index * 10 + 7 + dist_info.rank * 100_003)
-            stream = BatchStream(audio, labels.labels, args,
+            stream = BatchStream(train_audio, labels.labels, args,
                                  batch_seconds=config.train.batch_seconds,
                                  max_sample_seconds=config.data.max_sample_seconds,
                                  seed=config.train.seed, iteration=it.index,

@@ -5,8 +5,12 @@
   Model frame ``t`` (hop 320 samples) takes MFCC frame ``t * 320 // 160 = 2t``, as fairseq maps
   100 Hz labels onto 50 Hz features.
 - Layer features: layer ``L`` of the previous checkpoint with the project's convention (0 = input
-  of the first transformer block, ``i`` = output of block ``i``), eval mode, no masking, one
-  utterance at a time (padding would change the group-norm of the conv stack), in chunks.
+  of the first transformer block, ``i`` = output of block ``i``), read by the scoring path's
+  loader and extractor (``layerprobe.models.load`` + ``layerprobe.extract.iter_hidden_states``:
+  length-bucketed padded batches with masked group norm, long utterances cut into exactly
+  overlapping chunks so every frame is produced), run only up to block ``L``.
+- Unreadable audio (a file that fails to decode) is skipped with a warning naming it, and listed
+  in ``Labels.skipped``; the training stream then leaves that utterance out.
 - k-means: ``MiniBatchKMeans`` with fairseq's settings, fitted on a random fraction of the
   utterances (all their frames); every utterance is then labelled by the nearest centroid.
 - Labels: one int tensor per utterance of exactly ``num_frames(n_samples)`` frames, in
@@ -15,7 +19,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ from sklearn.cluster import MiniBatchKMeans
 
 from layerprobe.atomic import atomic_torch_save
 from pretraining.config import KMeansConfig
-from pretraining.model import load_checkpoint, num_frames, receptive_field
+from pretraining.model import num_frames, receptive_field
 from pretraining.schedules import Iteration
 
 LABELS_FORMAT = "pretraining-labels-v1"
@@ -59,36 +64,45 @@ def subsample_to_model_rate(features: torch.Tensor, n_frames: int, model_hop: in
 
 
 class LayerFeatures:
-    """Layer ``layer`` of a ``layerprobe-hubert-v1`` checkpoint, per utterance."""
+    """Layer ``layer`` of a ``layerprobe-hubert-v1`` checkpoint, through layerprobe's extractor.
+
+    The checkpoint is loaded with ``layerprobe.models.load`` and its transformer cut after block
+    ``layer`` (blocks above it are never run); :meth:`iter` extracts batches of utterances with
+    ``layerprobe.extract.iter_hidden_states`` (utterances longer than ``max_chunk_seconds`` are
+    cut into exactly overlapping chunks: every frame is produced).
+    """
 
     def __init__(self, ckpt: str | Path, layer: int, *, device: str | torch.device = "cpu",
-                 max_chunk_seconds: float = 100.0):
-        model, args, _ = load_checkpoint(ckpt, device=device)
-        n_layers = args["encoder_num_layers"]
+                 max_chunk_seconds: float = 100.0, batch_seconds: float = 200.0):
+        from layerprobe.models import load
+        from layerprobe.models.wav2vec2 import TorchaudioLayerModel
+
+        model = load(ckpt, device=device)
+        if not isinstance(model, TorchaudioLayerModel):
+            raise ValueError(f"{ckpt}: not a layerprobe pretraining checkpoint")
+        n_layers = model.n_layers
         if not 0 <= layer <= n_layers:
             raise ValueError(f"{ckpt}: supervision layer {layer} outside 0..{n_layers}")
-        self.wav2vec2 = model.wav2vec2.eval()
-        self.args, self.layer, self.device = args, layer, torch.device(device)
-        self.max_chunk = int(max_chunk_seconds * SAMPLE_RATE)
+        transformer = model.model.encoder.transformer
+        transformer.layers = transformer.layers[:layer]  # stop at the supervision layer
+        model.n_layers = layer
+        self.model, self.layer = model, layer
+        self.max_chunk_seconds, self.batch_seconds = max_chunk_seconds, batch_seconds
 
-    @torch.no_grad()
-    def _forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        w2v = self.wav2vec2
-        x, _ = w2v.feature_extractor(waveform[None].to(self.device), None)
-        x, _ = w2v.encoder._preprocess(x, None)
-        transformer = w2v.encoder.transformer
-        if self.layer == 0:
-            return transformer._preprocess(x)[0]
-        return transformer.get_intermediate_outputs(x, None, num_layers=self.layer)[-1][0]
+    def iter(self, waveforms: Iterable[tuple[Any, torch.Tensor]]
+             ) -> Iterator[tuple[Any, torch.Tensor]]:
+        """``(key, [num_frames(n), D] float32 on the CPU)`` per ``(key, waveform [n])``, in the
+        extractor's order (by length within its read-ahead window)."""
+        from layerprobe.extract import iter_hidden_states
+
+        for key, states in iter_hidden_states(self.model, waveforms,
+                                              batch_seconds=self.batch_seconds,
+                                              max_chunk_seconds=self.max_chunk_seconds):
+            yield key, states[self.layer].float().cpu()
 
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
-        """[n] → [num_frames(n), D] float32 on CPU (chunks joined; each chunk >= 1 frame)."""
-        field, _ = receptive_field(self.args)
-        step = self.max_chunk
-        chunks = [waveform[s:s + step] for s in range(0, waveform.numel(), step)]
-        if len(chunks) > 1 and chunks[-1].numel() < field:
-            chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
-        return torch.cat([self._forward(c).float().cpu() for c in chunks])
+        """[n] → [num_frames(n), D] float32 on the CPU."""
+        return next(self.iter([(0, waveform)]))[1]
 
 
 def frame_features(waveform: torch.Tensor, model_args: dict[str, Any],
@@ -137,11 +151,13 @@ class Labels:
     clusters: int
     labels: dict[str, torch.Tensor]  # utterance id → [n_frames] int64
     centroids: torch.Tensor  # [clusters, d]
+    skipped: tuple[str, ...] = ()  # utterances whose audio could not be read (no labels)
 
     def to_payload(self) -> dict:
         return {"format": LABELS_FORMAT, "iteration": self.iteration, "source": self.source,
                 "layer": self.layer, "clusters": self.clusters, "centroids": self.centroids,
-                "labels": {k: v.to(torch.int32) for k, v in self.labels.items()}}
+                "labels": {k: v.to(torch.int32) for k, v in self.labels.items()},
+                "skipped": list(self.skipped)}
 
     @classmethod
     def load(cls, path: str | Path) -> Labels:
@@ -151,7 +167,7 @@ class Labels:
         return cls(iteration=payload["iteration"], source=payload["source"],
                    layer=payload["layer"], clusters=payload["clusters"],
                    labels={k: v.long() for k, v in payload["labels"].items()},
-                   centroids=payload["centroids"])
+                   centroids=payload["centroids"], skipped=tuple(payload.get("skipped", ())))
 
     def save(self, path: str | Path) -> Path:
         return atomic_torch_save(self.to_payload(), path)
@@ -164,14 +180,57 @@ def fit_subset(n_utterances: int, fraction: float, seed: int) -> list[int]:
     return sorted(torch.randperm(n_utterances, generator=gen)[:k].tolist())
 
 
+def readable(indices: Iterable[int], load: Callable[[int], torch.Tensor],
+             utterance_ids: Sequence[str], skipped: list[str]
+             ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, load(i))``; an utterance whose audio fails to decode (``ValueError`` naming the
+    file) is skipped with a warning and its id appended to ``skipped``."""
+    for i in indices:
+        try:
+            wave = load(i)
+        except ValueError as err:
+            skipped.append(utterance_ids[i])
+            warnings.warn(f"skipping utterance {utterance_ids[i]!r}: {err} "
+                          f"({len(skipped)} unreadable so far)", stacklevel=2)
+            continue
+        yield i, wave
+
+
+def utterance_features(indices: Sequence[int], load: Callable[[int], torch.Tensor],
+                       utterance_ids: Sequence[str], model_args: dict[str, Any],
+                       extractor: LayerFeatures | None, skipped: list[str]
+                       ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, [num_frames(n_i), d])`` target features of the readable utterances of ``indices``
+    (MFCC one at a time; layer features in batches, in the extractor's order)."""
+    items = readable(indices, load, utterance_ids, skipped)
+    if extractor is None:
+        for i, wave in items:
+            yield i, frame_features(wave, model_args, None)
+        return
+    lengths: dict[int, int] = {}
+
+    def remember() -> Iterator[tuple[int, torch.Tensor]]:
+        for i, wave in items:
+            lengths[i] = wave.numel()
+            yield i, wave
+
+    for i, feats in extractor.iter(remember()):
+        n = num_frames(model_args, lengths.pop(i))
+        if feats.shape[0] != n:
+            raise ValueError(f"utterance {utterance_ids[i]!r}: layer features have "
+                             f"{feats.shape[0]} frames, the model {n}")
+        yield i, feats
+
+
 def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Tensor],
                    iteration: Iteration, model_args: dict[str, Any], config: KMeansConfig, *,
                    previous_ckpt: str | Path | None, seed: int, device: str | torch.device = "cpu",
                    log: Callable[[str], None] = print) -> Labels:
     """Fit k-means on a fraction of the utterances and label every utterance.
 
-    ``load(i)`` returns utterance ``i``'s waveform; ``model_args`` are those of the model that
-    will be trained (they fix the frame count); ``previous_ckpt`` is needed for layer targets.
+    ``load(i)`` returns utterance ``i``'s waveform (a ``ValueError`` skips it); ``model_args``
+    are those of the model that will be trained (they fix the frame count); ``previous_ckpt`` is
+    needed for layer targets.
     """
     extractor = None
     if iteration.source == "layer":
@@ -180,16 +239,26 @@ def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Ten
                              "checkpoint")
         extractor = LayerFeatures(previous_ckpt, int(iteration.layer), device=device,
                                   max_chunk_seconds=config.max_chunk_seconds)
+    skipped: list[str] = []
     subset = fit_subset(len(utterance_ids), iteration.kmeans_fraction, seed)
-    feats = {i: frame_features(load(i), model_args, extractor) for i in subset}
-    fit_data = torch.cat([feats[i] for i in subset]).numpy()
+    feats = dict(utterance_features(subset, load, utterance_ids, model_args, extractor,
+                                    skipped))
+    if not feats:
+        raise ValueError(f"iteration {iteration.index}: no readable utterance to fit k-means on")
+    fit_data = torch.cat([feats[i] for i in subset if i in feats]).numpy()
     log(f"iteration {iteration.index}: k-means with {iteration.clusters} clusters on "
-        f"{fit_data.shape[0]} frames of {iteration.target_name} ({len(subset)} utterances)")
+        f"{fit_data.shape[0]} frames of {iteration.target_name} ({len(feats)} utterances)")
     km = fit_kmeans(fit_data, iteration.clusters, config, seed)
     centroids = torch.from_numpy(km.cluster_centers_).float()
-    labels = {}
-    for i, uid in enumerate(utterance_ids):
-        f = feats[i] if i in feats else frame_features(load(i), model_args, extractor)
-        labels[uid] = nearest_centroid(f, centroids)
+    labels = {utterance_ids[i]: nearest_centroid(f, centroids) for i, f in feats.items()}
+    fitted = set(subset)
+    rest = [i for i in range(len(utterance_ids)) if i not in fitted]
+    for i, f in utterance_features(rest, load, utterance_ids, model_args, extractor, skipped):
+        labels[utterance_ids[i]] = nearest_centroid(f, centroids)
+    if skipped:
+        log(f"iteration {iteration.index}: {len(skipped)} unreadable utterance(s) skipped, "
+            f"e.g. {skipped[0]!r}")
+    ordered = {uid: labels[uid] for uid in utterance_ids if uid in labels}
     return Labels(iteration=iteration.index, source=iteration.source, layer=iteration.layer,
-                  clusters=iteration.clusters, labels=labels, centroids=centroids)
+                  clusters=iteration.clusters, labels=ordered, centroids=centroids,
+                  skipped=tuple(skipped))

@@ -213,18 +213,24 @@ def test_pretraining_buckets_respect_padded_budget():
 
 
 def test_pretraining_crop_keeps_labels_aligned():
+    """Every utterance is cropped to the batch's shortest (capped) length: no padding."""
     args = model_args("tiny", 10)
-    waves = [torch.arange(50_000, dtype=torch.float32), torch.arange(20_000, dtype=torch.float32)]
+    waves = [torch.arange(50_000, dtype=torch.float32), torch.arange(40_000, dtype=torch.float32)]
     labels = [torch.arange(num_frames(args, w.numel())) for w in waves]
+    starts = set()
     for seed in range(5):
-        batch = collate(waves, labels, args, 32_000, torch.Generator().manual_seed(seed))
-        assert batch.waveforms.shape == (2, 32_000)
-        assert batch.labels.shape == (2, num_frames(args, 32_000))
-        start = int(batch.waveforms[0, 0])  # samples are their own index
-        assert start % 320 == 0
-        assert torch.equal(batch.labels[0], torch.arange(num_frames(args, 32_000)) + start // 320)
-        assert batch.lengths.tolist() == [32_000, 20_000]
-        assert torch.equal(batch.labels[1, :labels[1].numel()], labels[1])
+        for cap, n in ((32_000, 32_000), (45_000, 40_000)):
+            batch = collate(waves, labels, args, cap, torch.Generator().manual_seed(seed))
+            assert batch.waveforms.shape == (2, n)
+            assert batch.labels.shape == (2, num_frames(args, n))
+            assert batch.lengths.tolist() == [n, n]
+            for row in range(2):
+                start = int(batch.waveforms[row, 0])  # samples are their own index
+                assert start % 320 == 0
+                starts.add(start)
+                assert torch.equal(batch.labels[row],
+                                   torch.arange(num_frames(args, n)) + start // 320)
+    assert len(starts) > 2  # random offsets
     with pytest.raises(ValueError, match="labels have"):
         collate(waves, [labels[0][:-1], labels[1]], args, 32_000, torch.Generator())
 
@@ -334,8 +340,13 @@ def test_pretraining_checkpoint_round_trips_into_score(corpus, tmp_path):
     run_pretraining(cfg, tmp_path / "run", log=lambda _: None)
     run = tmp_path / "run"
     for name in ("profile.json", "profile.png", "autoencoder.json", "it1/probe.json",
-                 "it2/probe.json", "plan.json", "config.json"):
+                 "it2/probe.json", "plan.json", "config.json", "it1/label_stage.json",
+                 "it2/label_stage.json"):
         assert (run / name).is_file(), name
+    import json
+
+    stage = json.loads((run / "it2" / "label_stage.json").read_text())
+    assert stage["seconds"] > 0 and stage["utterances"] == 12 and stage["skipped"] == []
     results = score_model(run / "it2" / "ckpt.pt", corpus, AnalysisConfig(probes=("fbank",)),
                           label="it2", progress=False)
     assert len(results) == 1 and results[0].layers == [0, 1, 2]

@@ -1,0 +1,291 @@
+"""The fast training step: same objective as torchaudio's model, HuBERT's mask statistics,
+compile fallback, unreadable audio, layer features through layerprobe's extractor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from torchaudio.models.wav2vec2 import components
+
+from pretraining.config import KMeansConfig, TrainConfig
+from pretraining.data import AudioSet, BatchStream, Prefetcher, list_audio
+from pretraining.model import (
+    PretrainStep,
+    build_model,
+    layer_keep,
+    model_args,
+    num_frames,
+    save_checkpoint,
+    span_mask,
+)
+from pretraining.schedules import Iteration
+from pretraining.targets import LayerFeatures, compute_labels
+from pretraining.train import hubert_loss, train_iteration
+
+SR = 16_000
+
+
+def _generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+def _reference_loss(model, waves, labels, mask, monkeypatch) -> tuple[torch.Tensor, dict]:
+    """torchaudio's HuBERTPretrainModel forward (with ``mask`` forced) + the fairseq criterion."""
+    monkeypatch.setattr(components, "_compute_mask_indices", lambda *a, **k: mask.clone())
+    logit_m, logit_u, pen = model(waves, labels, None)
+    return hubert_loss(logit_m, logit_u, pen, TrainConfig())
+
+
+@pytest.mark.parametrize("preset,classes,layers", [("tiny", 12, 2), ("base", 500, 1)])
+def test_step_loss_and_gradients_match_torchaudio(preset, classes, layers, monkeypatch):
+    overrides = {"encoder_num_layers": layers, "encoder_layer_drop": 0.0,
+                 "encoder_dropout": 0.0, "encoder_attention_dropout": 0.0,
+                 "encoder_projection_dropout": 0.0}
+    args = model_args(preset, classes, overrides)
+    torch.manual_seed(0)
+    model = build_model(args).train()
+    n = 24_000
+    t = num_frames(args, n)
+    waves = torch.randn(3, n)
+    labels = torch.randint(0, classes, (3, t))
+    mask = span_mask(3, t, mask_prob=0.8, mask_length=10, host=_generators(5)[0],
+                     device_gen=_generators(5)[1])
+    ref, ref_stats = _reference_loss(model, waves, labels, mask, monkeypatch)
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss, ce, acc, pen = PretrainStep(model, TrainConfig().feature_penalty_weight)(
+        waves, labels, mask)
+    ours, theirs = float(loss.detach()), float(ref.detach())
+    assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
+    assert float(ce) == pytest.approx(ref_stats["ce_masked"], abs=1e-5)
+    assert float(acc) == pytest.approx(ref_stats["acc_masked"], abs=1e-6)
+    assert float(pen) == pytest.approx(ref_stats["feature_pen"], rel=1e-6)
+    loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _fairseq_mask(rng: np.random.Generator, bsz: int, frames: int, mask_prob: float,
+                  length: int, min_masks: int = 2) -> np.ndarray:
+    """numpy port of fairseq ``compute_mask_indices`` (no padding, static lengths, overlaps,
+    ``require_same_masks``), the procedure of HuBERT's published recipe."""
+    num_mask = max(min_masks, int(mask_prob * frames / float(length) + rng.random()))
+    idcs = []
+    for _ in range(bsz):
+        min_len = length
+        if frames - min_len <= num_mask:
+            min_len = frames - num_mask - 1
+        starts = rng.choice(frames - min_len, num_mask, replace=False)
+        idc = np.unique((starts[:, None] + np.arange(length)).ravel())
+        idcs.append(idc[idc < frames])
+    keep = min(len(m) for m in idcs)
+    mask = np.zeros((bsz, frames), dtype=bool)
+    for i, idc in enumerate(idcs):
+        if len(idc) > keep:
+            idc = rng.choice(idc, keep, replace=False)
+        mask[i, idc] = True
+    return mask
+
+
+def _run_lengths(mask: np.ndarray) -> list[int]:
+    out = []
+    for row in mask:
+        padded = np.concatenate([[0], row.astype(int), [0]])
+        edges = np.flatnonzero(np.diff(padded))
+        out += (edges[1::2] - edges[::2]).tolist()
+    return out
+
+
+@pytest.mark.parametrize("frames", [50, 499])
+def test_span_mask_statistics_match_fairseq_procedure(frames):
+    rng = np.random.default_rng(0)
+    host, dev = _generators(0)
+    ours = [span_mask(8, frames, mask_prob=0.8, mask_length=10, host=host, device_gen=dev)
+            .numpy() for _ in range(300)]
+    theirs = [_fairseq_mask(rng, 8, frames, 0.8, 10) for _ in range(300)]
+    for m in ours:
+        assert len(set(m.sum(axis=1).tolist())) == 1  # require_same_masks
+    frac_ours = np.array([m.mean() for m in ours])
+    frac_ref = np.array([m.mean() for m in theirs])
+    se = math.hypot(frac_ours.std() / 300**0.5, frac_ref.std() / 300**0.5)
+    assert abs(frac_ours.mean() - frac_ref.mean()) < 5 * se + 1e-3
+    assert 0.4 < frac_ref.mean() < 0.7  # sanity of the port: overlaps bring 0.8 down
+    runs_ours, runs_ref = _run_lengths(np.concatenate(ours)), _run_lengths(np.concatenate(theirs))
+    assert np.mean(runs_ours) == pytest.approx(np.mean(runs_ref), rel=0.05)
+    hist_ours = np.bincount(np.minimum(runs_ours, 40), minlength=41) / len(runs_ours)
+    hist_ref = np.bincount(np.minimum(runs_ref, 40), minlength=41) / len(runs_ref)
+    assert np.abs(hist_ours - hist_ref).max() < 0.03
+
+
+def test_span_mask_is_seeded_and_layer_drop_rate():
+    a = span_mask(4, 200, mask_prob=0.8, mask_length=10, host=_generators(3)[0],
+                  device_gen=_generators(3)[1])
+    b = span_mask(4, 200, mask_prob=0.8, mask_length=10, host=_generators(3)[0],
+                  device_gen=_generators(3)[1])
+    assert torch.equal(a, b)
+    short = span_mask(2, 3, mask_prob=0.8, mask_length=10, host=_generators(0)[0],
+                      device_gen=_generators(0)[1])
+    assert short.sum(1).tolist() == [2, 2]  # spans cut at the end, same count per row
+    with pytest.raises(ValueError, match="frames=0"):
+        span_mask(1, 0, mask_prob=0.8, mask_length=10, host=_generators(0)[0],
+                  device_gen=_generators(0)[1])
+    gen = torch.Generator().manual_seed(0)
+    kept = [k for _ in range(2000) for k in layer_keep(12, 0.05, gen)]
+    assert 1 - np.mean(kept) == pytest.approx(0.05, abs=0.01)
+    assert layer_keep(3, 0.0, gen) == [True] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# data and training
+
+
+def _write_audio(root: Path, n: int, seconds: float = 2.0, suffix: str = ".wav") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for u in range(n):
+        x = (0.1 * rng.standard_normal(int((seconds + 0.3 * u) * SR))).astype(np.float32)
+        soundfile.write(root / f"utt{u:02d}{suffix}", x, SR)
+    return root
+
+
+def _corrupt(path: Path) -> None:
+    """Overwrite part of the body of a valid FLAC (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start:start + 4000] = np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _stream(audio: AudioSet, args: dict) -> BatchStream:
+    labels = {}
+    for i, uid in enumerate(audio.ids):
+        n = int(audio.items[i].duration * SR)
+        labels[uid] = torch.randint(0, args["num_classes"], (num_frames(args, n),),
+                                    generator=torch.Generator().manual_seed(i))
+    return BatchStream(audio, labels, args, batch_seconds=6.0, max_sample_seconds=3.0, seed=0,
+                       iteration=1)
+
+
+def test_corrupt_flac_is_skipped_in_training_and_labels(tmp_path):
+    root = _write_audio(tmp_path / "corpus", 5, suffix=".flac")
+    _corrupt(root / "utt02.flac")
+    audio = AudioSet(list_audio(root))  # the header is fine: it is listed
+    args = model_args("tiny", 6, {"encoder_num_layers": 2})
+    stream = _stream(audio, args)
+    with pytest.warns(UserWarning, match=r"utt02.*utt02\.flac.*lost sync"):
+        batches = [next(stream) for _ in range(8)]
+    assert audio.failed.keys() == {2}
+    assert sum(len(b.skipped) for b in batches) >= 1
+    assert all(b.waveforms.shape[0] >= 1 for b in batches)
+    it = Iteration(1, 10, "mfcc", None, 4, 1.0)
+    with pytest.warns(UserWarning, match="utt02"):
+        labels = compute_labels(audio.ids, audio.load, it, args, KMeansConfig(n_init=1),
+                                previous_ckpt=None, seed=0, log=lambda _: None)
+    assert labels.skipped == ("utt02",) and "utt02" not in labels.labels
+    assert len(labels.labels) == 4
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", args, build_model(args).state_dict(), {})
+    it2 = Iteration(2, 10, "layer", 1, 4, 1.0)
+    with pytest.warns(UserWarning, match="utt02"):
+        layer_labels = compute_labels(audio.ids, audio.load, it2, args, KMeansConfig(n_init=1),
+                                      previous_ckpt=ckpt, seed=0, log=lambda _: None)
+    assert layer_labels.skipped == ("utt02",) and len(layer_labels.labels) == 4
+
+
+def test_layer_features_of_an_utterance_longer_than_the_chunk(tmp_path):
+    """3 s cut into 1 s chunks: every one of the 149 frames, and labels for it."""
+    args = model_args("tiny", 5, {"encoder_num_layers": 3})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", args, build_model(args).state_dict(), {})
+    wave = torch.randn(3 * SR)
+    chunked = LayerFeatures(ckpt, 2, max_chunk_seconds=1.0)(wave)
+    whole = LayerFeatures(ckpt, 2)(wave)
+    assert chunked.shape == whole.shape == (149, 64)
+    # far from the chunk boundaries the transformer context barely matters
+    assert torch.allclose(chunked[:20], whole[:20], atol=0.2)
+    it = Iteration(2, 10, "layer", 2, 3, 1.0)
+    waves = [wave, torch.randn(SR)]
+    labels = compute_labels(["long", "short"], waves.__getitem__, it, args,
+                            KMeansConfig(n_init=1, max_chunk_seconds=1.0), previous_ckpt=ckpt,
+                            seed=0, log=lambda _: None)
+    assert labels.labels["long"].shape == (149,) and labels.labels["short"].shape == (49,)
+
+
+def test_prefetcher_gives_the_stream_batches_in_order(tmp_path):
+    audio = AudioSet(list_audio(_write_audio(tmp_path / "c", 6)))
+    args = model_args("tiny", 6)
+    direct = [next(_stream(audio, args)) for _ in range(1)]
+    stream = _stream(audio, args)
+    expected = [next(stream) for _ in range(7)]
+    pre = Prefetcher(_stream(audio, args), torch.device("cpu"), depth=3)
+    try:
+        got = [next(pre) for _ in range(7)]
+    finally:
+        pre.close()
+    assert torch.equal(direct[0].waveforms, expected[0].waveforms)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.waveforms, b.waveforms) and torch.equal(a.labels, b.labels)
+        assert a.state_after == b.state_after
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    """A compiled path that fails (as Inductor did on torch 2.11) trains eagerly instead, with
+    the same result as an eager run."""
+    audio = AudioSet(list_audio(_write_audio(tmp_path / "c", 6)))
+    args = model_args("tiny", 6, {"encoder_num_layers": 2})
+
+    def train(compile_: bool) -> dict:
+        torch.manual_seed(0)
+        model = build_model(args)
+        cfg = TrainConfig(compile=compile_, log_every=2, save_every=100, warmup_fraction=0.0)
+        stats = train_iteration(model, _stream(audio, args), iteration=1, steps=3, config=cfg,
+                                device=torch.device("cpu"), state_path=tmp_path / "s.pt",
+                                log=lambda _: None)
+        assert math.isfinite(stats["loss"]) and stats["step"] == 3
+        return model.state_dict()
+
+    eager = train(False)
+
+    def broken_compile(module, **_):
+        def fail(*args, **kwargs):
+            raise RuntimeError("forced Inductor failure")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="forced Inductor failure"):
+        fallback = train(True)
+    assert all(torch.equal(eager[k], fallback[k]) for k in eager)
+
+
+def test_run_with_a_corrupt_flac_completes_and_reports_it(tmp_path):
+    import json
+
+    from pretraining.config import PretrainConfig
+    from pretraining.run import run_pretraining
+
+    root = _write_audio(tmp_path / "corpus", 8, suffix=".flac")
+    _corrupt(root / "utt05.flac")
+    small = {"encoder_num_layers": 2, "encoder_embed_dim": 32, "encoder_ff_interm_features": 64,
+             "encoder_num_heads": 2, "final_dim": 16}
+    cfg = PretrainConfig.from_dict({
+        "schedule": {"name": "uniform", "iterations": 2, "total_steps": 4, "first_layer": 1,
+                     "first_clusters": 6, "last_clusters": 6, "kmeans_fraction": 1.0},
+        "model": {"preset": "tiny", "overrides": small},
+        "train": {"batch_seconds": 8.0, "save_every": 2, "log_every": 1, "device": "cpu"},
+        "kmeans": {"n_init": 1, "batch_size": 1024},
+        "data": {"path": str(root), "max_sample_seconds": 3.0},
+        "profile": {"enabled": False},
+    })
+    with pytest.warns(UserWarning, match=r"utt05\.flac"):
+        summary = run_pretraining(cfg, tmp_path / "run", log=lambda _: None)
+    assert summary.completed == (1, 2)
+    for it in (1, 2):
+        stage = json.loads((tmp_path / "run" / f"it{it}" / "label_stage.json").read_text())
+        assert stage["skipped"] == ["utt05"] and stage["utterances"] == 7
