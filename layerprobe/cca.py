@@ -55,6 +55,7 @@ variance, then mean CCA with the same eps protocol); ``cka`` (linear CKA
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,7 @@ NULL_TOL = 1e-12  # eigenvalue / max|S| of a fit set's covariance at or below wh
 DEPENDENT_TOL = 1e-10  # PWCCA weights: a variate whose Gram-Schmidt residual norm² is at most this
 #                        fraction of its norm² is dependent on the earlier ones and gets weight 0
 SVCCA_VARIANCE = 0.99
+MIN_ITEMS_PER_DIMENSION = 3.0  # train items / (dx + dy) below which layer rankings were noise
 SIGN_CONVENTION = ("each canonical pair is flipped so that the largest-|.| entry of its X-view "
                    "loadings (train covariance of each kept X dimension with the variate) is "
                    "positive")
@@ -582,6 +584,12 @@ def _candidates(n_splits: int, eps_grid: Sequence[float], seed: int):
     return out
 
 
+def items_per_dimension(moments: Moments, n_splits: int) -> float:
+    """Train items of a trial (all but 2 of ``n_splits`` splits' share) per dimension dx + dy."""
+    n = sum(moments.counts)
+    return n * (n_splits - 2) / n_splits / (moments.dx + moments.dy)
+
+
 def shard_groups(n_shards: int, n_splits: int, seed_index: int, seed: int = 0
                  ) -> list[list[int]]:
     """The shards of each split for one split seed: ``groups[j]`` lists split j's shards.
@@ -731,6 +739,12 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
         raise ValueError(f"cca_score_moments: {n_seeds} split seeds need at least 2 shards per "
                          f"split; the moments have {moments.n_splits} slots for {n_splits} "
                          "splits")
+    per_dim = items_per_dimension(moments, n_splits)
+    if metric != "cka" and per_dim < MIN_ITEMS_PER_DIMENSION:
+        warnings.warn(f"cca: {per_dim:.1f} train items per dimension ({moments.dx} + {moments.dy}"
+                      f" dimensions): below {MIN_ITEMS_PER_DIMENSION:g} the ranking of layers "
+                      "was measured to be noise; read scores with their std, or use more data",
+                      UserWarning, stacklevel=2)
     on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
     runs = []
     with _cpu_threads(1 if on_cpu else None):
@@ -738,6 +752,8 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
             groups = shard_groups(moments.n_splits, n_splits, index, seed)
             runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
                                   device, n_pairs))
+    for run in runs:
+        run.details["items_per_dimension"] = round(per_dim, 3)
     if n_seeds == 1:
         return runs[0]
     per_seed = np.array([r.scores for r in runs])  # [n_seeds, L]
