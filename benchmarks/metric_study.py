@@ -81,7 +81,8 @@ def study(model: LayerModel, name: str, config: AnalysisConfig, sizes: list[int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[],
-                        help="model spec (repeatable); the random post-LN model is always in")
+                        help="model spec (repeatable), besides the random post-LN model")
+    parser.add_argument("--skip-random", action="store_true", help="leave the random model out")
     parser.add_argument("--n-seeds", type=int, default=6)
     parser.add_argument("--utterances", type=int, nargs="+", default=[20, 40, 70, 0])
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
     if 0 not in args.utterances:
         args.utterances.append(0)
     config = AnalysisConfig(device="cpu", metrics=METRICS, n_seeds=args.n_seeds)
-    models = [("random-post-ln", random_post_ln_model())]
+    models = [] if args.skip_random else [("random-post-ln", random_post_ln_model())]
     models += [(spec, load(spec)) for spec in args.model]
     rows = []
     for name, model in models:
