@@ -18,7 +18,11 @@ items, splits and trials. It prints per layer: the relative difference ``|bf16 -
 covariance's eigen-directions lie below the bf16 noise floor, the scores of each variant with
 the split-seed std, and the eps pairs chosen on dev (hypothesis c).
 
-    python benchmarks/bf16_effect.py [--layers 4] [--max-utterances 0] [--n-seeds 3]
+The word probe needs more train items than 768 + vocabulary dimensions, more than the bundled
+corpus has (at most 902 word tokens, 105 types); ``--small`` runs the same study on the random
+post-LN HuBERT of ``benchmarks/stability.py`` (96-d), where the word probe fits.
+
+    python benchmarks/bf16_effect.py [--layers 4] [--small] [--max-utterances 0] [--n-seeds 3]
 """
 
 from __future__ import annotations
@@ -121,14 +125,21 @@ def main() -> None:
     parser.add_argument("--n-seeds", type=int, default=3)
     parser.add_argument("--metrics", nargs="+", default=["pwcca", "pwcca-centred"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--small", action="store_true",
+                        help="the random post-LN 96-d HuBERT of benchmarks/stability.py instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = AnalysisConfig(device="cpu", metrics=tuple(args.metrics), n_seeds=args.n_seeds,
                             max_utterances=args.max_utterances)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "hubert_base_random.pt"
-        build_base(path, args.layers)
-        model = load(path)
+    if args.small:
+        from stability import random_post_ln_model
+
+        model = random_post_ln_model(layers=args.layers)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "hubert_base_random.pt"
+            build_base(path, args.layers)
+            model = load(path)
     n_states = model.n_layers + 1
     tape = Tape(model)
     variants: dict[str, dict] = {}
@@ -200,7 +211,8 @@ def main() -> None:
         variants[name] = score(model, config)
         print(f"{name} scoring: {time.perf_counter() - tic:.0f} s", flush=True)
 
-    print(f"\nrandom HuBERT-Base width, {args.layers} blocks, bundled corpus, n_seeds "
+    print(f"\n{model.name if args.small else 'random HuBERT-Base width'}, {model.dim}-d, "
+          f"{args.layers} blocks, bundled corpus, n_seeds "
           f"{args.n_seeds}; scores mean over layers 0..{args.layers} [min..max], split-seed std "
           "(mean over layers), most common dev-chosen eps pair")
     keys = sorted(variants["fp32"])
