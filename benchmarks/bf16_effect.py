@@ -10,7 +10,11 @@ it scores fbank/phone/word with ``--metrics`` on:
 * ``fp32+noise``    fp32 features plus isotropic Gaussian noise whose energy per layer equals the
                     measured bf16 - fp32 difference (hypothesis a: bf16 = fp32 + rounding noise);
 * ``fp32->bf16``    fp32 features rounded to bf16 after the forward (hypothesis b: only the
-                    output rounding, no rounding inside the network).
+                    output rounding, no rounding inside the network);
+* ``bf16-null``     bf16 features with each frame's mean over dimensions removed: at random
+                    init every state is a LayerNorm output (weight 1, bias 0) whose frames sum
+                    to 0, an exact null direction of the covariance in fp32 that bf16 fills
+                    with rounding noise and a bias (hypothesis d).
 
 The recorded states are replayed (no further forward passes), so every variant sees the same
 items, splits and trials. It prints per layer: the relative difference ``|bf16 - fp32| / |fp32|``
@@ -174,7 +178,7 @@ def main() -> None:
     variants["bf16"] = score(model, config.replace(bf16=True))
     print(f"bf16 forward + scoring: {time.perf_counter() - tic:.0f} s", flush=True)
     relative = np.sqrt(diff.sum(0) / norm.sum(0))
-    tape.calls = fp32_calls
+    bf16_calls = tape.calls
 
     print("\nper layer: relative |bf16 - fp32| / |fp32| over valid frames (unpadded rows, padded "
           "rows), |mean difference| / rms difference (1/sqrt(frames) for pure noise), and the "
@@ -204,9 +208,15 @@ def main() -> None:
         sigma = relative[layer] * float(s.pow(2).mean().sqrt())
         return s + sigma * torch.randn(s.shape, generator=gen)
 
-    for name, transform in (("fp32+noise", add_noise),
-                            ("fp32->bf16", lambda layer, s: s.bfloat16().float())):
+    def centre_frames(layer: int, s: Tensor) -> Tensor:
+        return s - s.mean(-1, keepdim=True)
+
+    for name, calls, transform in (
+            ("fp32+noise", fp32_calls, add_noise),
+            ("fp32->bf16", fp32_calls, lambda layer, s: s.bfloat16().float()),
+            ("bf16-null", bf16_calls, centre_frames)):
         tic = time.perf_counter()
+        tape.calls = calls
         tape.replay(transform)
         variants[name] = score(model, config)
         print(f"{name} scoring: {time.perf_counter() - tic:.0f} s", flush=True)
