@@ -13,7 +13,8 @@ model x probe x metric x size:
   ranked, whatever the item count);
 * the mean Spearman correlation between the seeds' per-layer curves (ranking agreement), and
   the fraction of seeds whose best layer is the most common best layer;
-* the Spearman correlation of the seed-mean curve with the full-corpus seed-mean curve.
+* the Spearman correlation of the seed-mean curve with the full-corpus seed-mean curve;
+* the autoencoder index (``pretraining/profile.py``) of each seed's curves: its seed spread.
 
     python benchmarks/metric_study.py [--model runs/demo/it2/ckpt.pt] [--n-seeds 6]
         [--utterances 20 40 70 0]
@@ -74,7 +75,7 @@ def study(model: LayerModel, name: str, config: AnalysisConfig, sizes: list[int]
                          "std": float(np.mean(r.std)), "rho": rho, "argmax": argmax,
                          "vs_full": float(vs_full), "mean": float(np.mean(r.scores)),
                          "separation": float(np.ptp(r.scores) / max(np.mean(r.std), 1e-12)),
-                         "best": int(np.argmax(r.scores))})
+                         "best": int(np.argmax(r.scores)), "seed_scores": seeds})
     return rows
 
 
@@ -117,6 +118,16 @@ def main() -> None:
             print(f"  {metric:<14} std {np.mean([r['std'] for r in full]):.4f}  rho "
                   f"{np.mean([r['rho'] for r in full]):.2f}  top "
                   f"{np.mean([r['argmax'] for r in full]):.2f}")
+    print("\nautoencoder index per split seed, full corpus: mean +- std over seeds "
+          "(word_drop = (max - last) / max of word, fbank_rise = last - min of fbank)")
+    for r in rows:
+        if r["utterances"] == 0 and r["probe"] in ("word", "fbank"):
+            curves = r["seed_scores"]
+            index = ((curves.max(1) - curves[:, -1]) / curves.max(1) if r["probe"] == "word"
+                     else curves[:, -1] - curves.min(1))
+            print(f"  {r['model'][-16:]:<16} {r['metric']:<14} "
+                  f"{'word_drop' if r['probe'] == 'word' else 'fbank_rise':<10} "
+                  f"{index.mean():.4f} +- {index.std(ddof=1):.4f}")
     print("\nranking agreement (rho) by items per dimension, all models, probes and metrics")
     for low, high in ((0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 1e9)):
         sel = [r for r in rows if low <= r["per_dim"] < high]
