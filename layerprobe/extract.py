@@ -24,9 +24,9 @@ give the same features in any batch; other models only batch items of identical 
 
 Precision: every forward pass runs in full float32 (:func:`full_precision`: TF32 off for CUDA
 matmuls and cuDNN convolutions, restored afterwards) unless bf16 autocast is asked for
-(``dtype=torch.bfloat16``, on CUDA or the CPU). TF32 rounds matmul inputs to 10 mantissa bits
-(~1e-3 relative), which moves features far more than the scores can tolerate; bf16 (8 bits,
-~4e-3) is opt-in and lowers scores (see ``benchmarks/bf16_effect.py``).
+(``dtype=torch.bfloat16``, on CUDA or the CPU). TF32 rounds matmul and convolution inputs to 10
+mantissa bits, so CUDA features would not match the CPU's; bf16 (opt-in) moves features by
+about 1% relative (``benchmarks/bf16_effect.py``).
 """
 
 from __future__ import annotations
