@@ -21,6 +21,12 @@ it is cut into pieces.
 
 Padding: models with ``batch_invariant`` (all our wrappers whose first conv norm can be masked)
 give the same features in any batch; other models only batch items of identical length.
+
+Precision: every forward pass runs in full float32 (:func:`full_precision`: TF32 off for CUDA
+matmuls and cuDNN convolutions, restored afterwards) unless bf16 autocast is asked for
+(``dtype=torch.bfloat16``, on CUDA or the CPU). TF32 rounds matmul and convolution inputs to 10
+mantissa bits, so CUDA features would not match the CPU's; bf16 (opt-in) moves features by
+about 1% relative (``benchmarks/bf16_effect.py``).
 """
 
 from __future__ import annotations
@@ -89,9 +95,42 @@ def _autocast(model: LayerModel, dtype: torch.dtype | None) -> contextlib.Abstra
     if dtype != torch.bfloat16:
         raise ValueError(
             f"iter_hidden_states: dtype must be None, float32 or bfloat16, got {dtype}")
-    if model.device.type != "cuda":
-        return contextlib.nullcontext()  # bf16 only on CUDA; CPU stays float32
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    if model.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"iter_hidden_states: bf16 autocast needs a CUDA or CPU model, this one "
+                         f"is on {model.device}")
+    return torch.autocast(model.device.type, dtype=torch.bfloat16)
+
+
+def _tf32_settings() -> list[tuple[Any, str, Any, Any]]:
+    """(holder, attribute, full-precision value) of torch's global TF32 switches, each with its
+    current value: the ``fp32_precision`` API where torch has it (mixing it with the legacy
+    ``allow_tf32`` flags is an error in torch >= 2.9), else the legacy flags."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        switches = [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        switches = [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    return [(holder, name, value, getattr(holder, name)) for holder, name, value in switches]
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
+    """Run the block with TF32 off for CUDA matmuls and cuDNN convolutions (IEEE float32).
+
+    TF32 is a process-wide switch: the previous settings are restored on exit, exceptions
+    included. A no-op for any device but CUDA (the CPU has no TF32).
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    settings = _tf32_settings()
+    try:
+        for holder, name, value, _ in settings:
+            setattr(holder, name, value)
+        yield
+    finally:
+        for holder, name, _, previous in settings:
+            setattr(holder, name, previous)
 
 
 def _as_waveform(key: Any, waveform: Any) -> Tensor:
@@ -122,7 +161,8 @@ def iter_hidden_states(
         waveforms: ``(key, waveform [n])`` pairs, 16 kHz float audio.
         batch_seconds: most padded audio per forward pass (one item always fits).
         max_chunk_seconds: items longer than this are split into pieces (see module docstring).
-        dtype: ``torch.bfloat16`` for bf16 autocast on CUDA (ignored on the CPU).
+        dtype: ``torch.bfloat16`` for bf16 autocast (CUDA or CPU); otherwise full float32
+            (TF32 off on CUDA during each forward pass, see :func:`full_precision`).
         read_ahead: items read before sorting into buckets (bounds memory).
         on_batch: called with (batch size, padded samples) after each forward pass.
 
@@ -166,7 +206,7 @@ def _run_window(model: LayerModel, window: list[tuple[_Piece, Tensor]], max_padd
             padded[row, : piece.n] = wav[piece.start: piece.end]
         # items are standardised whole in iter_hidden_states, not per piece
         lengths = torch.tensor([p.n for p, _ in batch], dtype=torch.long)
-        with _autocast(model, dtype):
+        with full_precision(device), _autocast(model, dtype):
             states, frames = model.hidden_states(padded.to(device), lengths, normalize=False)
         if on_batch is not None:
             on_batch(len(batch), padded.numel())

@@ -151,16 +151,6 @@ def test_bad_inputs(models):
         list(iter_hidden_states(model, [], batch_seconds=0))
 
 
-def test_bf16_request_is_ignored_on_cpu(models):
-    model = models["hf-layer"]
-    if model.device.type != "cpu":
-        pytest.skip("CPU-only check")
-    wav = random_waveforms([900], seed=6)[0]
-    (_, a), = iter_hidden_states(model, [(0, wav)], dtype=torch.bfloat16)
-    (_, b), = iter_hidden_states(model, [(0, wav)])
-    assert torch.equal(a, b) and a.dtype == torch.float32
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_close_to_fp32(models):
     model = models["hf-layer"].to("cuda")
