@@ -28,7 +28,8 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", action="append", choices=METRIC_CHOICES,
                         help="metric(s); repeatable; all = pwcca and mi (default: pwcca)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward "
+                        "(CUDA or CPU; features move ~1e-2 relative, see README)")
     parser.add_argument("--seed", type=int, help="seed for sampling, splits, trials, k-means")
     parser.add_argument("--max-utterances", type=int, help="use at most this many utterances")
     parser.add_argument("--strict", action="store_true",
