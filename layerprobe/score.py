@@ -152,9 +152,14 @@ def score_models(
     built once, every model streams the same utterances (audio decoded once when it fits
     ``AUDIO_CACHE_BYTES``).
 
-    Under ``torchrun`` every rank scores its share of the utterances (``index % world_size``)
-    for every model; the float64 moments and the MI items are combined in rank order, and rank 0
-    returns the results (the other ranks return ``[]``).
+    Under ``torchrun`` with ``W`` ranks the models are shared out whole first: model ``i`` of the
+    first ``W * (n // W)`` runs on rank ``i % W`` exactly as in one process (no communication;
+    every rank fits its own CCA and k-means). Each of the ``n % W`` models left over is scored by
+    all ranks, each taking the utterances ``index % W == rank``; the float64 moments are summed
+    slot by slot in rank order and the MI items gathered and put back in utterance order (MI is
+    then exactly the single-process value; CCA scores differ from it by the float64 summation
+    order, amplified by the conditioning of the fits). Rank 0 returns every result, in model
+    order; the other ranks return ``[]``.
     """
     config = config or AnalysisConfig()
     if not models:
@@ -164,13 +169,27 @@ def score_models(
     dist_info, device = init_distributed(config.device)
     corpus = resolve_corpus(corpus, config)
     plan = _Plan(corpus, build_probes(corpus, config.probes, config.probe_config))
-    results: list[Result] = []
-    for i, model in enumerate(models):
-        label = labels[i] if labels is not None else None
-        results.extend(_score_one(model, plan, config, device, dist_info, label=label,
-                                  progress=progress and dist_info.main, skip_failed=skip_failed,
-                                  keep_audio=i + 1 < len(models)))
-    return results
+    world, n = dist_info.world_size, len(models)
+    whole = n - n % world  # models scored whole, one rank each
+    mine = [i for i in range(whole) if i % world == dist_info.rank]
+    per_model: dict[int, list[Result]] = {}
+    for i in [*mine, *range(whole, n)]:
+        sharded = i >= whole
+        per_model[i] = _score_one(
+            models[i], plan, config, device, dist_info if sharded else Dist(),
+            label=labels[i] if labels is not None else None,
+            progress=progress and dist_info.main, skip_failed=skip_failed,
+            keep_audio=i + 1 < n)
+    if world > 1 and whole:
+        gathered = dist_info.gather_object({i: per_model[i] for i in mine})
+        if not dist_info.main:
+            return []
+        assert gathered is not None
+        for part in gathered:
+            per_model.update(part)
+    if not dist_info.main:
+        return []
+    return [r for i in range(n) for r in per_model[i]]
 
 
 def _load_model(model: LayerModel | str | Path, device: torch.device) -> tuple[LayerModel, str]:
