@@ -9,7 +9,8 @@ One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` aga
   below ``tol``) or mini-batch (Sculley 2010 with per-centroid learning rates ``1/count``, as
   scikit-learn's ``MiniBatchKMeans``; stops after ``max_no_improvement`` steps without a better
   smoothed batch inertia, or ``max_iter`` epochs);
-- ``n_init`` restarts: the one with the lowest inertia (on all rows) wins, per layer.
+- ``n_init`` seedings: Lloyd runs each and keeps the lowest inertia (on all rows), per layer;
+  mini-batch runs only the seeding with the lowest inertia on its own rows (as scikit-learn).
 
 Distances are ``||x||² − 2 x·c + ||c||²`` with float32 matmuls, in row chunks so that no
 ``[L, rows, k]`` block exceeds ``memory_mb``; assignments are ``argmin`` (first index on ties),
@@ -42,7 +43,7 @@ class KMeansConfig:
 
     backend: str = "torch"  # "torch" (CPU/CUDA, batched over layers) or "sklearn" (reference)
     init: str = "k-means++"
-    n_init: int = 1  # restarts; the lowest inertia wins
+    n_init: int = 3  # k-means++ seedings tried; the lowest inertia wins
     max_iter: int = 100  # Lloyd iterations, or mini-batch epochs
     batch_size: int = 1024  # rows per mini-batch step; 0: full Lloyd
     tol: float = 1e-4  # Lloyd: stop when inertia falls by less than this fraction; mini-batch:
@@ -247,24 +248,30 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     best_inertia = torch.full((L,), math.inf, dtype=torch.float64, device=t.device)
     best_steps = torch.zeros(L, dtype=torch.int64, device=t.device)
     init_size = config.init_size or max(3 * config.batch_size, 3 * n_clusters)
+    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
     for restart in range(config.n_init):
         # one stream per restart: a restart's draws do not depend on how long the last one ran
         gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
-        if init_size < n:
-            rows = torch.randperm(n, generator=gen, device=t.device)[:init_size]
-            centroids = _kmeans_pp(t[:, rows], n_clusters, gen)
-        else:
-            centroids = _kmeans_pp(t, n_clusters, gen)
-        if config.batch_size == 0 or config.batch_size >= n:  # one batch of all rows: Lloyd
+        rows = torch.randperm(n, generator=gen, device=t.device)[:init_size] \
+            if init_size < n else None
+        sample = t if rows is None else t[:, rows]
+        centroids = _kmeans_pp(sample, n_clusters, gen)
+        if lloyd:
             centroids, steps = _lloyd(t, centroids, config)
-        else:
-            centroids, steps = _minibatch(t, centroids, config, gen)
-        inertia = assign_chunked(t, centroids, memory_mb=config.memory_mb)[1].double().sum(-1)
+            inertia = assign_chunked(t, centroids, memory_mb=config.memory_mb)[1].double().sum(-1)
+        else:  # as scikit-learn: the seeding with the lowest inertia on its rows is run once
+            inertia = assign_chunked(sample, centroids,
+                                     memory_mb=config.memory_mb)[1].double().sum(-1)
+            steps = torch.zeros(L, dtype=torch.int64, device=t.device)
         better = inertia < best_inertia
         best = centroids if best is None else torch.where(better[:, None, None], centroids, best)
         best_inertia = torch.where(better, inertia, best_inertia)
         best_steps = torch.where(better, steps, best_steps)
     assert best is not None
+    if not lloyd:
+        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
+        best, best_steps = _minibatch(t, best, config, gen)
+        best_inertia = assign_chunked(t, best, memory_mb=config.memory_mb)[1].double().sum(-1)
     return KMeansFit(centroids=best, inertia=best_inertia.tolist(), n_steps=best_steps.tolist())
 
 

@@ -23,7 +23,7 @@ import layerprobe
 from layerprobe.cca import cca_score_moments
 from layerprobe.config import AnalysisConfig
 from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
-from layerprobe.distributed import Dist, init_distributed
+from layerprobe.distributed import Dist, init_distributed, resolve_device
 from layerprobe.extract import iter_hidden_states
 from layerprobe.mi import mi_score
 from layerprobe.models import LayerModel, load
@@ -147,6 +147,7 @@ def score_models(
     labels: Sequence[str] | None = None,
     progress: bool = True,
     skip_failed: bool = False,
+    dist_info: Dist | None = None,
 ) -> list[Result]:
     """Score several models on exactly the same items: the corpus is read and the probes are
     built once, every model streams the same utterances (audio decoded once when it fits
@@ -159,14 +160,18 @@ def score_models(
     slot by slot in rank order and the MI items gathered and put back in utterance order (MI is
     then exactly the single-process value; CCA scores differ from it by the float64 summation
     order, amplified by the conditioning of the fits). Rank 0 returns every result, in model
-    order; the other ranks return ``[]``.
+    order; the other ranks return ``[]``. ``dist_info`` (default: from ``torchrun``'s
+    environment) says which ranks take part; ``Dist()`` scores in this process alone.
     """
     config = config or AnalysisConfig()
     if not models:
         raise ValueError("score_models: no models given")
     if labels is not None and len(labels) != len(models):
         raise ValueError(f"{len(labels)} labels for {len(models)} models")
-    dist_info, device = init_distributed(config.device)
+    if dist_info is None:
+        dist_info, device = init_distributed(config.device)
+    else:  # e.g. Dist() on rank 0 of a training job: score in this process alone
+        device = resolve_device(config.device, dist_info.local_rank)
     corpus = resolve_corpus(corpus, config)
     plan = _Plan(corpus, build_probes(corpus, config.probes, config.probe_config))
     world, n = dist_info.world_size, len(models)
