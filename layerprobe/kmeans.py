@@ -130,7 +130,14 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     first = torch.randint(m, (1,), generator=gen, device=x.device).expand(L)
     centroids = torch.empty(L, k, d, dtype=x.dtype, device=x.device)
     centroids[:, 0] = x[layer, first]
-    closest = (x - centroids[:, :1]).pow(2).sum(-1)  # [L, m]
+    x_sq = x.pow(2).sum(-1)  # [L, m]
+
+    def sq_distance(j: int) -> torch.Tensor:  # [L, m] to centroid j: one read of x (a matvec)
+        c = centroids[:, j]
+        xc = torch.bmm(x, c[:, :, None])[..., 0]
+        return (x_sq - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+
+    closest = sq_distance(0)
     uniforms = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
     for j in range(1, k):
         weights = closest.double()
@@ -141,7 +148,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         target = (uniforms[j] * cum[:, -1:]).contiguous()
         pick = torch.searchsorted(cum, target).clamp_max_(m - 1)[:, 0]
         centroids[:, j] = x[layer, pick]
-        closest = torch.minimum(closest, (x - centroids[:, j:j + 1]).pow(2).sum(-1))
+        closest = torch.minimum(closest, sq_distance(j))
     return centroids
 
 
