@@ -97,10 +97,11 @@ def chunk_rows(n_layers: int, k: int, memory_mb: float) -> int:
     return max(1, int(memory_mb * 2**20 // (4 * n_layers * max(k, 1))))
 
 
-def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0,
+                   exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row: x ``[L, n, d]``, centroids ``[L, k, d]`` → (ids ``[L, n]``
-    int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``."""
+    int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``.
+    ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c)."""
     L, n, d = x.shape
     if centroids.ndim != 3 or centroids.shape[0] != L or centroids.shape[2] != d:
         raise ValueError(f"centroids must be [{L}, k, {d}], got {tuple(centroids.shape)}")
@@ -109,15 +110,34 @@ def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float
     step = chunk_rows(L, c.shape[1], memory_mb)
     ids = torch.empty(L, n, dtype=torch.int64, device=x.device)
     dist = torch.empty(L, n, dtype=torch.float32, device=x.device)
+    layer = torch.arange(L, device=x.device)[:, None]
     for start in range(0, n, step):
         xs = x[:, start:start + step]
         d2 = torch.baddbmm(c_sq[:, None, :], xs, c.mT, alpha=-2.0)  # [L, m, k]
-        arg = d2.argmin(dim=-1)
+        best, arg = d2.min(dim=-1)
         ids[:, start:start + step] = arg
-        # the distance itself directly (the expanded form cancels badly near a centroid)
-        nearest = torch.gather(c, 1, arg[..., None].expand(-1, -1, d))
-        dist[:, start:start + step] = (xs - nearest).pow(2).sum(-1)
+        if exact:
+            dist[:, start:start + step] = (xs - c[layer, arg]).pow(2).sum(-1)
+        else:
+            dist[:, start:start + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0.0)
     return ids, dist
+
+
+def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype,
+                  memory_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums ``[L, k, d]`` and counts ``[L, k]``: batched one-hot matmuls over row
+    chunks (no ``[L, rows, k]`` one-hot block beyond ``memory_mb``)."""
+    L, n, d = x.shape
+    sums = torch.zeros(L, k, d, dtype=dtype, device=x.device)
+    counts = torch.zeros(L, k, dtype=dtype, device=x.device)
+    step = chunk_rows(L, k, memory_mb * 4 / dtype.itemsize)
+    for start in range(0, n, step):
+        part = ids[:, start:start + step]
+        onehot = torch.zeros(*part.shape, k, dtype=dtype, device=x.device)
+        onehot.scatter_(-1, part[..., None], 1.0)
+        sums.baddbmm_(onehot.mT, x[:, start:start + step].to(dtype))
+        counts += onehot.sum(1)
+    return sums, counts
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -177,10 +197,7 @@ def _lloyd(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig
         active &= ~(torch.isfinite(previous) & ((previous - inertia) <= config.tol * previous))
         if not bool(active.any()):
             break
-        sums = torch.zeros(L, k, d, dtype=torch.float64, device=x.device)
-        sums.scatter_add_(1, ids[..., None].expand(L, n, d), x.double())
-        counts = torch.zeros(L, k, dtype=torch.float64, device=x.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
+        sums, counts = _cluster_sums(x, ids, k, torch.float64, config.memory_mb)
         new = (sums / counts.clamp_min(1)[..., None]).float()
         new = torch.where(counts[..., None] > 0, new, centroids)
         _fill_empty(x, new, counts, dist)
@@ -210,12 +227,9 @@ def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
         for s in range(steps_per_epoch):
             rows = order[s * b:(s + 1) * b]
             xb = x[:, rows]
-            ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb)
+            ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False)
             batch_inertia = dist.double().mean(-1)
-            sums = torch.zeros(L, k, d, dtype=torch.float32, device=x.device)
-            sums.scatter_add_(1, ids[..., None].expand(L, xb.shape[1], d), xb)
-            n_b = torch.zeros(L, k, dtype=torch.float32, device=x.device)
-            n_b.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+            sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
             n_b *= active[:, None]
             counts += n_b
             # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took

@@ -48,7 +48,9 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
         small = KMeansConfig(batch_size=batch_size, n_init=2, memory_mb=1e-3)
         a = kmeans_fit(x, 8, config=config, seed=4)
         b = kmeans_fit(x, 8, config=small, seed=4)
-        assert torch.equal(a.centroids, b.centroids)
+        # the same assignments; cluster sums grouped by chunk: equal to float rounding
+        torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kmeans_predict(x, a.centroids), kmeans_predict(x, b.centroids))
 
 
 @pytest.mark.parametrize("batch_size", [0, 64])

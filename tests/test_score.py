@@ -153,7 +153,7 @@ def test_cli_keeps_what_it_could_score_and_says_what_it_could_not(model_specs, t
                  "--max-utterances", "3", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "not scored: models0/native: probe 'word'" in err and "items" in err
+    assert "/native: probe 'word'" in err and "items" in err  # names the model
     assert {r.probe for r in load_results(out)} == {"fbank"}
 
 
