@@ -45,7 +45,7 @@ class KMeansConfig:
     init: str = "k-means++"
     n_init: int = 3  # k-means++ seedings tried; the lowest inertia wins
     max_iter: int = 100  # Lloyd iterations, or mini-batch epochs
-    batch_size: int = 1024  # rows per mini-batch step; 0: full Lloyd
+    batch_size: int = 0  # 0: full Lloyd (agrees with scikit-learn's MI); > 0: mini-batch rows
     tol: float = 1e-4  # Lloyd: stop when inertia falls by less than this fraction; mini-batch:
     # a smoothed batch inertia is "better" when lower by more than this fraction
     max_no_improvement: int = 10  # mini-batch: stop after this many steps without a better one
