@@ -1,10 +1,24 @@
 """End-to-end scoring of a HuBERT-Base-sized model (random weights) on this machine.
 
-Scores fbank, phone and word probes (PWCCA, full protocol) on ~5 minutes of the bundled corpus,
-then on twice that audio, each in a fresh process, and prints seconds per stage (reading + probe
-targets, forward pass, statistics, CCA) and the peak resident memory of each run.
+Scores fbank, phone and word probes (``--metrics``, default PWCCA and MI, full protocol) on
+``--minutes`` of the bundled corpus (repeated through a manifest when longer: ``--minutes 61`` is
+the hour of the issue), then on twice that audio, each in a fresh process, and prints seconds per
+stage (reading + probe targets, forward pass, statistics, CCA, MI), audio seconds per second and
+the peak resident memory of each run.
 
-    python benchmarks/score_end_to_end.py [--minutes 5] [--device cpu]
+``--kmeans`` instead times MI's k-means alone on synthetic features of realistic size
+(``--layers`` x ``--items`` x 768, ``--clusters`` clusters): the torch backend (default settings,
+CPU or CUDA) against scikit-learn's ``MiniBatchKMeans`` with the published settings, in the same
+run, and prints the ratio.
+
+    python benchmarks/score_end_to_end.py [--minutes 5] [--metrics pwcca,mi] [--device cpu]
+    python benchmarks/score_end_to_end.py --kmeans [--layers 13 --items 20000 --clusters 500]
+
+``--agreement`` scores MI of the random HuBERT-Base on the bundled corpus with both backends over
+``--seeds`` k-means seeds and prints, per layer, each backend's mean and spread (std over seeds)
+and how many scikit-learn spreads apart the two means are.
+
+    python benchmarks/score_end_to_end.py --agreement [--seeds 5]
 """
 
 from __future__ import annotations
@@ -34,30 +48,34 @@ def build_model(path: Path) -> None:
 
 
 def write_manifest(path: Path, minutes: float, copies: int) -> float:
-    """A JSONL manifest of bundled utterances adding up to ``minutes``, listed ``copies`` times."""
+    """A JSONL manifest of bundled utterances adding up to ``minutes`` (the corpus repeated when
+    it is shorter), listed ``copies`` times."""
     from layerprobe.corpus import load_corpus
 
     corpus = load_corpus(None)
     chosen, total = [], 0.0
-    for utt in corpus.utterances:
-        if total >= minutes * 60:
-            break
-        chosen.append(utt)
-        total += utt.duration
+    while total < minutes * 60:
+        for utt in corpus.utterances:
+            if total >= minutes * 60:
+                break
+            chosen.append(utt)
+            total += utt.duration
     rows = [
-        {"id": f"{utt.id}_{c}", "audio": str(utt.audio_path), "alignment": str(utt.alignment_path)}
-        for c in range(copies) for utt in chosen
+        {"id": f"{utt.id}_{c}_{i}", "audio": str(utt.audio_path),
+         "alignment": str(utt.alignment_path)}
+        for c in range(copies) for i, utt in enumerate(chosen)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return total * copies
 
 
-def child(model: str, manifest: str, device: str) -> None:
+def child(model: str, manifest: str, device: str, metrics: str) -> None:
     """One scoring run; prints a JSON line with timings and peak memory."""
     from layerprobe.config import AnalysisConfig
     from layerprobe.score import score_model
 
-    config = AnalysisConfig(corpus=manifest, device=device, batch_seconds=60.0)
+    config = AnalysisConfig(corpus=manifest, device=device, batch_seconds=60.0,
+                            metrics=tuple(metrics.split(",")))
     start = time.perf_counter()
     # the word probe needs more items than 768 + vocabulary dimensions: more than 5 min has
     with warnings.catch_warnings():
@@ -68,19 +86,98 @@ def child(model: str, manifest: str, device: str) -> None:
     print(json.dumps({
         "wall": wall, "timings": results[0].meta["timings"], "peak_mib": peak_mib,
         "audio_seconds": results[0].meta["audio_seconds"],
-        "items": {r.probe: r.details["n_items"] for r in results},
-        "best": {r.probe: max(range(len(r.scores)), key=r.scores.__getitem__) for r in results},
+        "items": {f"{r.probe}/{r.metric}": r.details["n_items"] for r in results},
+        "clusters": {r.probe: r.details["n_clusters"] for r in results if r.metric == "mi"},
     }))
+
+
+def kmeans_benchmark(layers: int, items: int, clusters: int, device: str) -> None:
+    """MI k-means on synthetic features: torch backend vs scikit-learn, same data, same run."""
+    from layerprobe.kmeans import KMeansConfig
+    from layerprobe.mi import mi_score
+
+    gen = torch.Generator().manual_seed(0)
+    n_classes, dim = 60, 768
+    labels = torch.randint(n_classes, (items,), generator=gen)
+    centres = torch.randn(layers, n_classes, dim, generator=gen)
+    x = centres[:, labels] + 2.0 * torch.randn(layers, items, dim, generator=gen)
+    train = torch.rand(items, generator=gen) < 0.8
+    published = KMeansConfig(backend="sklearn", batch_size=1500, n_init=3, max_iter=500, tol=0.0,
+                             max_no_improvement=10, reassignment_ratio=0.01)
+    runs = {"torch mini-batch 1024, n_init 3": KMeansConfig(batch_size=1024),
+            "torch Lloyd, n_init 3 (the MI default)": KMeansConfig(),
+            "sklearn MiniBatchKMeans (batch 1500, n_init 3)": published}
+    print(f"MI k-means: {layers} layers x {items} items x {dim}-d, {clusters} clusters, "
+          f"{torch.get_num_threads()} threads")
+    seconds = {}
+    for name, config in runs.items():
+        target = device if config.backend == "torch" else "cpu"
+        start = time.perf_counter()
+        res = mi_score(x, labels, train, n_clusters=clusters, kmeans=config, device=target)
+        if target.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+        print(f"  {name:<48} on {target:<6} {seconds[name]:8.1f} s   MI per layer "
+              f"{[round(s, 3) for s in res.scores[:4]]}{' ...' if layers > 4 else ''}")
+    reference = seconds[list(runs)[-1]]
+    for name in list(runs)[:-1]:
+        print(f"sklearn / {name}: {reference / seconds[name]:.1f}x")
+
+
+def agreement(device: str, seeds: int) -> None:
+    """torch-MI vs scikit-learn-MI per layer on the bundled corpus, with the spread over seeds."""
+    from layerprobe.config import AnalysisConfig
+    from layerprobe.kmeans import KMeansConfig
+    from layerprobe.score import score_model
+
+    reference = KMeansConfig(backend="sklearn", batch_size=1500, n_init=3, max_iter=500, tol=0.0,
+                             max_no_improvement=10, reassignment_ratio=0.01)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "hubert_base_random.pt"
+        build_model(model)
+        scored = {}
+        for name, kmeans in (("torch", KMeansConfig()), ("sklearn", reference)):
+            config = AnalysisConfig(device=device, metrics=("mi",), probes=("phone", "word"),
+                                    n_seeds=seeds, mi_kmeans=kmeans)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scored[name] = score_model(model, None, config, progress=False)
+            print(f"{name}: {time.perf_counter() - start:.1f} s, MI "
+                  f"{scored[name][0].meta['timings']['mi']:.1f} s", flush=True)
+    for ours, ref in zip(scored["torch"], scored["sklearn"], strict=True):
+        print(f"\n{ours.probe} MI, {ours.details['n_clusters']} clusters "
+              f"({ours.details['n_clusters_rule']}), {seeds} seeds")
+        print(f"{'layer':>5} {'torch':>15} {'sklearn':>15} {'|diff| / sklearn std':>21}")
+        for layer in ours.layers:
+            spread = ref.std[layer] if ref.std else float("nan")
+            gap = abs(ours.scores[layer] - ref.scores[layer]) / spread
+            print(f"{layer:>5} {ours.scores[layer]:.4f} ± {ours.std[layer]:.4f} "
+                  f"{ref.scores[layer]:.4f} ± {spread:.4f} {gap:>21.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--metrics", default="pwcca,mi")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kmeans", action="store_true", help="time MI's k-means alone")
+    parser.add_argument("--layers", type=int, default=13)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--clusters", type=int, default=500)
+    parser.add_argument("--agreement", action="store_true",
+                        help="torch vs scikit-learn MI on the bundled corpus")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MANIFEST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kmeans:
+        kmeans_benchmark(args.layers, args.items, args.clusters, args.device)
+        return
+    if args.agreement:
+        agreement(args.device, args.seeds)
+        return
     if args.child:
-        child(*args.child, args.device)
+        child(*args.child, args.device, args.metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "hubert_base_random.pt"
@@ -91,26 +188,28 @@ def main() -> None:
             seconds = write_manifest(manifest, args.minutes, copies)
             print(f"scoring {seconds / 60:.1f} min of audio (fresh process) ...", flush=True)
             proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", str(model),
-                 str(manifest)], capture_output=True, text=True,
+                [sys.executable, __file__, "--device", args.device, "--metrics", args.metrics,
+                 "--child", str(model), str(manifest)], capture_output=True, text=True,
             )
             if proc.returncode != 0:
                 sys.exit(f"scoring run failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"\nHuBERT-Base-sized (12 layers, 768-d, random weights) on {args.device}, "
-          f"{torch.get_num_threads()} threads")
-    header = f"{'audio':>8} {'read':>7} {'forward':>8} {'stats':>7} {'cca':>7} {'wall':>7} " \
-             f"{'peak MiB':>9}  items"
+          f"{torch.get_num_threads()} threads, metrics {args.metrics}")
+    header = f"{'audio':>8} {'read':>7} {'forward':>8} {'stats':>7} {'cca':>7} {'mi':>7} " \
+             f"{'wall':>7} {'audio s/s':>9} {'peak MiB':>9}  items"
     print(header)
     for run in runs:
         t = run["timings"]
         print(f"{run['audio_seconds'] / 60:>6.1f}m {t['read']:>7.1f} {t['forward']:>8.1f} "
-              f"{t['statistics']:>7.1f} {t['cca']:>7.1f} {run['wall']:>7.1f} "
-              f"{run['peak_mib']:>9.0f}  {run['items']}")
+              f"{t['statistics']:>7.1f} {t['cca']:>7.1f} {t['mi']:>7.1f} {run['wall']:>7.1f} "
+              f"{run['audio_seconds'] / run['wall']:>9.1f} {run['peak_mib']:>9.0f}  "
+              f"{run['items']} MI clusters {run['clusters']}")
     first, second = runs
     t = first["timings"]
-    print(f"\nCCA / forward = {t['cca'] / t['forward']:.3f}; "
-          f"(statistics + CCA) / forward = {(t['statistics'] + t['cca']) / t['forward']:.3f}")
+    print(f"\nCCA / forward = {t['cca'] / t['forward']:.3f}; MI / forward = "
+          f"{t['mi'] / t['forward']:.3f}; (statistics + CCA + MI) / forward = "
+          f"{(t['statistics'] + t['cca'] + t['mi']) / t['forward']:.3f}")
     print(f"forward seconds per audio second = {t['forward'] / first['audio_seconds']:.3f}")
     print(f"peak memory, 2x audio / 1x audio = {second['peak_mib'] / first['peak_mib']:.3f}")
 

@@ -14,8 +14,10 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-PROBE_CHOICES = ("fbank", "phone", "word", "word-embedding", "all")
-METRIC_CHOICES = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka", "mi", "all")
+from layerprobe.registry import ALL_METRICS, ALL_PROBES, MI_BACKENDS, expand_metrics, expand_probes
+
+PROBE_CHOICES = (*ALL_PROBES, "all")
+METRIC_CHOICES = (*ALL_METRICS, "all")
 
 
 def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,9 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward "
                         "(CUDA or CPU; features move ~1e-2 relative, see README)")
     parser.add_argument("--seed", type=int, help="seed for sampling, splits, trials, k-means")
+    parser.add_argument("--mi-backend", choices=MI_BACKENDS,
+                        help="k-means for MI: torch (CPU/GPU, batched over layers; default) or "
+                        "sklearn (MiniBatchKMeans, the reference)")
     parser.add_argument("--max-utterances", type=int, help="use at most this many utterances")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad utterance instead of skipping it")
@@ -58,11 +63,11 @@ def _config_from_args(args: argparse.Namespace):
     if args.data:
         changes["corpus"] = args.data
     if args.probe:
-        probes = ("fbank", "phone", "word") if "all" in args.probe else tuple(args.probe)
-        changes["probes"] = tuple(dict.fromkeys(probes))
+        changes["probes"] = expand_probes(args.probe)
     if args.metric:
-        metrics = ("pwcca", "mi") if "all" in args.metric else tuple(args.metric)
-        changes["metrics"] = tuple(dict.fromkeys(metrics))
+        changes["metrics"] = expand_metrics(args.metric)
+    if args.mi_backend:
+        changes["mi_backend"] = args.mi_backend
     for arg, field in (("device", "device"), ("seed", "seed"),
                        ("max_utterances", "max_utterances"), ("batch_seconds", "batch_seconds"),
                        ("fairseq_pretrained", "fairseq_pretrained"), ("seeds", "n_seeds")):
@@ -133,15 +138,36 @@ def _label_for_file(model: str, append_to: Path | None) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from layerprobe.score import score_model, summary_table
+    from layerprobe.distributed import destroy_distributed, init_distributed
+    from layerprobe.labels import unique_labels
+    from layerprobe.score import score_models, summary_table
 
     config = _config_from_args(args)
-    label = args.label or _label_for_file(args.model, args.out if args.append else None)
-    out = args.out or Path("results") / f"{_safe_name(label)}.json"
+    if args.label and len(args.models) > 1:
+        raise ValueError(f"--label names one model; {len(args.models)} were given "
+                         "(use --labels a,b,...)")
+    if args.labels:
+        labels = args.labels.split(",")
+    elif args.label:
+        labels = [args.label]
+    elif len(args.models) == 1:
+        labels = [_label_for_file(args.models[0], args.out if args.append else None)]
+    else:
+        labels = unique_labels(args.models)
+    if len(labels) != len(args.models):
+        raise ValueError(f"--labels gives {len(labels)} names for {len(args.models)} models")
+    name = labels[0] if len(labels) == 1 else f"{labels[0]}_and_{len(labels) - 1}_more"
+    out = args.out or Path("results") / f"{_safe_name(name)}.json"
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.plot])
-    with _collect_failures() as failures:
-        results = score_model(args.model, None, config, label=label,
-                              progress=not args.no_progress, skip_failed=True)
+    dist_info, _ = init_distributed(config.device)
+    try:
+        with _collect_failures() as failures:
+            results = score_models(args.models, None, config, labels=labels,
+                                   progress=not args.no_progress, skip_failed=True)
+    finally:
+        destroy_distributed(dist_info)
+    if not dist_info.main:
+        return 0  # rank 0 writes the results
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
     print(summary_table(results))
@@ -149,7 +175,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.plot:
         from layerprobe.plots import plot_layerwise
 
-        print(f"wrote {plot_layerwise(results, args.plot, title=label)}")
+        print(f"wrote {plot_layerwise(results, args.plot, title=args.title or name)}")
     return _report_failures(failures)
 
 
@@ -169,6 +195,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from layerprobe.distributed import destroy_distributed, init_distributed
     from layerprobe.labels import unique_labels
     from layerprobe.plots import plot_layerwise
     from layerprobe.score import score_models, summary_table
@@ -177,9 +204,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     out = args.out or Path(args.output).with_suffix(".json")
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.output])
-    with _collect_failures() as failures:
-        results = score_models(args.models, None, config, labels=labels,
-                               progress=not args.no_progress, skip_failed=True)
+    dist_info, _ = init_distributed(config.device)
+    try:
+        with _collect_failures() as failures:
+            results = score_models(args.models, None, config, labels=labels,
+                                   progress=not args.no_progress, skip_failed=True)
+    finally:
+        destroy_distributed(dist_info)
+    if not dist_info.main:
+        return 0  # rank 0 writes the results
     if not results:
         raise ValueError("nothing could be scored: " + "; ".join(failures))
     print(summary_table(results))
@@ -233,13 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    score = sub.add_parser("score", help="score every layer of one model",
-                           description="Score every layer of a model against fbank, phone and "
-                           "word properties of a corpus; print a table and write results JSON.")
-    score.add_argument("model", help="our ckpt.pt, a fairseq .pt, a HF folder or a hub id")
+    score = sub.add_parser("score", help="score every layer of one or more models",
+                           description="Score every layer of each model against fbank, phone "
+                           "and word properties of a corpus (read once, the same items for "
+                           "every model); print a table and write one results JSON. Under "
+                           "torchrun the utterances are shared among the ranks.")
+    score.add_argument("models", nargs="+", metavar="model",
+                       help="our ckpt.pt, a fairseq .pt, a HF folder or a hub id (several: "
+                       "e.g. runs/p5/it*/ckpt.pt)")
     _analysis_arguments(score)
     score.add_argument("--out", type=Path, help="results JSON (default: results/<label>.json)")
-    score.add_argument("--label", help="name of the model in tables and figures")
+    score.add_argument("--label", help="name of the model in tables and figures (one model)")
+    score.add_argument("--labels", help="comma-separated names, one per model")
+    score.add_argument("--title", help="figure title (with --plot)")
     score.add_argument("--plot", type=Path, help="also draw the curves to this PNG/PDF")
     score.set_defaults(func=cmd_score)
 

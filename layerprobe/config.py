@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerprobe.kmeans import KMeansConfig
 from layerprobe.probes import ProbeConfig
+from layerprobe.registry import ALL_METRICS, CCA_METRICS, PROBES
 
-CCA_METRICS = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
-ALL_METRICS = (*CCA_METRICS, "mi")
-DEFAULT_PROBES = ("fbank", "phone", "word")
+DEFAULT_PROBES = PROBES
+__all__ = ["ALL_METRICS", "CCA_METRICS", "DEFAULT_PROBES", "AnalysisConfig", "read_toml"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class AnalysisConfig:
     probe_config: ProbeConfig = field(default_factory=ProbeConfig)
     n_trials: int = 3
     n_seeds: int = 3  # spread: CCA re-deals items into splits, MI re-seeds k-means
-    phone_clusters: int = 500
-    word_clusters: int = 5000
-    mi_max_iter: int = 500
+    phone_clusters: int = 0  # 0: chosen from the data (layerprobe.score.auto_clusters)
+    word_clusters: int = 0
+    mi_kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # [mi] k-means settings
     batch_seconds: float = 60.0
     max_chunk_seconds: float = 30.0
     device: str = "auto"
@@ -46,6 +47,9 @@ class AnalysisConfig:
             raise ValueError("at least one probe is needed")
         if self.n_trials < 1:
             raise ValueError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.phone_clusters < 0 or self.word_clusters < 0:
+            raise ValueError("phone_clusters and word_clusters must be >= 0 (0: from the data), "
+                             f"got {self.phone_clusters}, {self.word_clusters}")
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -57,11 +61,16 @@ class AnalysisConfig:
         return self.probe_config.seed
 
     def replace(self, **changes: Any) -> AnalysisConfig:
-        """A copy with some fields changed (``probe_config`` fields may be passed too)."""
+        """A copy with some fields changed (``probe_config`` fields, and ``mi_`` + a
+        :class:`KMeansConfig` field, e.g. ``mi_backend``, may be passed too)."""
         probe_fields = {f.name for f in dataclasses.fields(ProbeConfig)}
         probe_changes = {k: changes.pop(k) for k in list(changes) if k in probe_fields}
         if probe_changes:
             changes["probe_config"] = dataclasses.replace(self.probe_config, **probe_changes)
+        kmeans_fields = {f"mi_{f.name}" for f in dataclasses.fields(KMeansConfig)}
+        kmeans_changes = {k[3:]: changes.pop(k) for k in list(changes) if k in kmeans_fields}
+        if kmeans_changes:
+            changes["mi_kmeans"] = dataclasses.replace(self.mi_kmeans, **kmeans_changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,9 +114,12 @@ class AnalysisConfig:
         if "metrics" in cca:
             kw["metrics"] = tuple(cca.pop("metrics"))
         _take(cca, kw, {"n_trials": "n_trials", "n_seeds": "n_seeds"}, "cca")
-        _take(dict(data.get("mi", {})), kw, {"phone_clusters": "phone_clusters",
-                                             "word_clusters": "word_clusters",
-                                             "max_iter": "mi_max_iter"}, "mi")
+        mi = dict(data.get("mi", {}))
+        kmeans_fields = {f.name for f in dataclasses.fields(KMeansConfig)}
+        kmeans = {k: mi.pop(k) for k in list(mi) if k in kmeans_fields}
+        kw["mi_kmeans"] = KMeansConfig(**kmeans)
+        _take(mi, kw, {"phone_clusters": "phone_clusters", "word_clusters": "word_clusters"},
+              "mi")
         _take(dict(data.get("model", {})), kw, {"batch_seconds": "batch_seconds",
                                                 "max_chunk_seconds": "max_chunk_seconds",
                                                 "device": "device", "bf16": "bf16"}, "model")

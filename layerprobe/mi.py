@@ -1,31 +1,37 @@
 """Per-layer mutual information between k-means cluster ids and labels (Pasad et al. 2023).
 
-For each layer: ``MiniBatchKMeans`` is fitted on the train items, the held-out items are assigned
-to clusters, and the score is ``mutual_info_score(labels, clusters) / H(labels)`` on the held-out
-items (natural logs on both sides, so the ratio is unit-free), in [0, 1].
+For each layer: k-means (:mod:`layerprobe.kmeans`, all layers in one batched fit) is fitted on the
+train items, the held-out items are assigned to the nearest centroid, and the score is
+``I(labels; clusters) / H(labels)`` on the held-out items (natural logs on both sides, so the
+ratio is unit-free), in [0, 1]. With ``n_seeds > 1`` k-means is re-seeded (``seed + i``): the
+score is the mean over seeds and the spread their standard deviation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from sklearn.cluster import MiniBatchKMeans
-from sklearn.metrics import mutual_info_score
 
-__all__ = ["MIResult", "mi_score", "label_entropy"]
+from layerprobe.kmeans import KMeansConfig, kmeans_fit, kmeans_predict
+
+__all__ = ["MIResult", "mi_score", "label_entropy", "mutual_information"]
 
 
 @dataclass(frozen=True)
 class MIResult:
-    """Per-layer normalised MI and JSON-able details."""
+    """Per-layer normalised MI (mean over seeds), its spread and JSON-able details.
+
+    ``clusters`` (not saved): held-out cluster ids ``[n_seeds, L, n_test]``."""
 
     scores: list[float]
     details: dict = field(default_factory=dict)
+    std: list[float] | None = None
+    clusters: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"metric": "mi", "scores": [float(s) for s in self.scores],
+        return {"metric": "mi", "scores": [float(s) for s in self.scores], "std": self.std,
                 "details": self.details}
 
 
@@ -36,28 +42,44 @@ def label_entropy(labels: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _as_numpy(a, *, name: str) -> np.ndarray:
+def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """Plug-in mutual information (nats) of two label arrays of the same length."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    nb = int(ib.max()) + 1
+    joint = np.bincount(ia * nb + ib, minlength=(int(ia.max()) + 1) * nb).reshape(-1, nb)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float(max((p[nz] * np.log(p[nz] / (pa * pb)[nz])).sum(), 0.0))
+
+
+def _as_numpy(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     return np.asarray(a)
 
 
-def mi_score(features, labels, train_mask, *, n_clusters: int, batch_size: int, seed: int = 0,
-             max_iter: int = 500, n_init: int = 3) -> MIResult:
+def mi_score(features, labels, train_mask, *, n_clusters: int, kmeans: KMeansConfig | None = None,
+             seed: int = 0, n_seeds: int = 1, device: torch.device | str | None = None
+             ) -> MIResult:
     """Normalised MI per layer.
 
     features ``[L, n, d]`` (or ``[n, d]``), labels ``[n]`` ints, train_mask ``[n]`` bool: k-means
     is fitted on the train items and scored on the others. ``n_clusters`` is clipped to the
-    number of train items (noted in details).
+    number of train items (noted in details). ``device``: where the torch k-means runs (default:
+    the features').
     """
-    x = _as_numpy(features, name="features")
+    kmeans = kmeans or KMeansConfig()
+    x = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
-        raise ValueError(f"mi_score: features must be [L, n, d] or [n, d], got shape {x.shape}")
+        raise ValueError(f"mi_score: features must be [L, n, d] or [n, d], got shape "
+                         f"{tuple(x.shape)}")
     L, n, _ = x.shape
-    y = _as_numpy(labels, name="labels")
-    mask = _as_numpy(train_mask, name="train_mask")
+    y = _as_numpy(labels)
+    mask = _as_numpy(train_mask)
     if y.shape != (n,):
         raise ValueError(f"mi_score: labels must have shape ({n},), got {y.shape}")
     if mask.shape != (n,) or mask.dtype != np.bool_:
@@ -67,12 +89,13 @@ def mi_score(features, labels, train_mask, *, n_clusters: int, batch_size: int, 
     if n_train < 1 or n_test < 1:
         raise ValueError(f"mi_score: need train and held-out items, got {n_train} train and "
                          f"{n_test} held-out")
-    if n_clusters < 1 or batch_size < 1:
-        raise ValueError(f"mi_score: n_clusters and batch_size must be >= 1, got {n_clusters}, "
-                         f"{batch_size}")
-    x = x.astype(np.float32, copy=False)
-    bad = [layer for layer in range(L) if not np.isfinite(x[layer]).all()]
-    if bad:
+    if n_clusters < 1 or n_seeds < 1:
+        raise ValueError(f"mi_score: n_clusters and n_seeds must be >= 1, got {n_clusters}, "
+                         f"{n_seeds}")
+    x = x.float()
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(f"mi_score: non-finite values (NaN/inf) in layer(s) {bad}")
     k = min(n_clusters, n_train)
     notes = [] if k == n_clusters else [f"n_clusters clipped from {n_clusters} to {k} (the number "
@@ -81,18 +104,29 @@ def mi_score(features, labels, train_mask, *, n_clusters: int, batch_size: int, 
     h = label_entropy(y_test)
     if h <= 0:
         raise ValueError("mi_score: the held-out labels have a single class (H(labels) = 0)")
-    scores, mis, inertia = [], [], []
-    for layer in range(L):
-        km = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, max_iter=max_iter,
-                             random_state=seed, n_init=n_init)
-        km.fit(x[layer][mask])
-        pred = km.predict(x[layer][~mask])
-        mi = float(mutual_info_score(y_test, pred))
-        mis.append(mi)
-        scores.append(mi / h)
-        inertia.append(float(km.inertia_))
-    details = {"n_clusters": k, "n_clusters_requested": n_clusters, "batch_size": batch_size,
-               "max_iter": max_iter, "n_init": n_init, "seed": seed, "n_train": n_train,
-               "n_test": n_test, "label_entropy": h, "mutual_info": mis,
-               "train_inertia": inertia, "notes": notes}
-    return MIResult(scores=scores, details=details)
+    target = torch.device(device) if device is not None else x.device
+    mask_t = torch.from_numpy(mask).to(target)
+    x = x.to(target)
+    x_train, x_test = x[:, mask_t], x[:, ~mask_t]
+    seed_scores, seed_mi, inertia, steps, clusters = [], [], [], [], []
+    for i in range(n_seeds):
+        fit = kmeans_fit(x_train, k, config=kmeans, seed=seed + i)
+        pred = kmeans_predict(x_test, fit.centroids.to(target),
+                              memory_mb=kmeans.memory_mb).cpu().numpy()
+        mis = [mutual_information(y_test, pred[layer]) for layer in range(L)]
+        seed_mi.append(mis)
+        seed_scores.append([mi / h for mi in mis])
+        inertia.append(fit.inertia)
+        steps.append(fit.n_steps)
+        clusters.append(pred)
+    table = np.asarray(seed_scores)
+    std = table.std(axis=0, ddof=1).tolist() if n_seeds > 1 else None
+    details = {"n_clusters": k, "n_clusters_requested": n_clusters, "kmeans": asdict(kmeans),
+               "seed": seed, "n_seeds": n_seeds, "n_train": n_train, "n_test": n_test,
+               "label_entropy": h, "mutual_info": np.mean(seed_mi, axis=0).tolist(),
+               "seed_scores": seed_scores, "train_inertia": inertia, "kmeans_steps": steps,
+               "notes": notes}
+    if n_seeds > 1:
+        details["spread"] = "k-means seeds"
+    return MIResult(scores=table.mean(axis=0).tolist(), details=details, std=std,
+                    clusters=np.stack(clusters))

@@ -11,41 +11,96 @@ import platform
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import layerprobe
 from layerprobe.cca import cca_score_moments
-from layerprobe.config import CCA_METRICS, AnalysisConfig
-from layerprobe.corpus import Corpus, load_audio, load_corpus
+from layerprobe.config import AnalysisConfig
+from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
+from layerprobe.distributed import Dist, init_distributed, resolve_device
 from layerprobe.extract import iter_hidden_states
 from layerprobe.mi import mi_score
-from layerprobe.models import LayerModel, load, resolve_device
+from layerprobe.models import LayerModel, load
 from layerprobe.probes import Probe, UtteranceTargets, build_probes, pool_spans
+from layerprobe.registry import CCA_METRICS
 from layerprobe.results import Result
 from layerprobe.stats import Moments
 
 MI_HELD_OUT_SPLITS = 2  # MI: k-means fit on all but the last two splits, scored on those
+MI_PUBLISHED_CLUSTERS = {"phone": 500, "word": 5000}  # Pasad et al. 2023
+MI_HELD_OUT_PER_CLUSTER = 10  # fewer held-out items per cluster: MI is biased toward 1
+AUDIO_CACHE_BYTES = 2 * 2**30  # several models: decoded audio kept for the next model (~9 h)
 
 
 class ScoringWarning(UserWarning):
     """A probe or metric was left out of the results (the message says which and why)."""
 
 
+def n_moment_slots(config: AnalysisConfig) -> int:
+    """Slots of every probe's :class:`Moments`: one per shard id an item can carry
+    (``n_splits * shards_per_split``; split seeds re-deal whole shards)."""
+    return config.probe_config.n_shards
+
+
+def mi_train_mask(shard_ids: np.ndarray, n_splits: int) -> np.ndarray:
+    """MI's k-means train items (True) and held-out items (False) from the items' shard ids
+    (the first split seed's split of shard ``s`` is ``s % n_splits``)."""
+    return np.asarray(shard_ids) % n_splits < n_splits - MI_HELD_OUT_SPLITS
+
+
+def mi_cluster_rule(probe: str, n_held_out: int, config: AnalysisConfig) -> tuple[int, str]:
+    """MI's cluster count for ``probe`` and the rule that gave it.
+
+    The config's ``phone_clusters`` / ``word_clusters`` when set (> 0); else the published count
+    (500 phones, 5000 words) capped so that every cluster has on average at least
+    ``MI_HELD_OUT_PER_CLUSTER`` held-out items: ``max(2, min(published, held_out // 10))``.
+    """
+    kind = "word" if probe.startswith("word") else "phone"
+    chosen = config.word_clusters if kind == "word" else config.phone_clusters
+    if chosen > 0:
+        return chosen, f"config: {kind}_clusters = {chosen}"
+    published = MI_PUBLISHED_CLUSTERS[kind]
+    k = max(2, min(published, n_held_out // MI_HELD_OUT_PER_CLUSTER))
+    return k, (f"from the data: max(2, min({published}, held-out items {n_held_out} // "
+               f"{MI_HELD_OUT_PER_CLUSTER}))")
+
+
 @dataclass
 class _ProbeState:
-    """What one probe accumulates while the corpus streams past."""
+    """What one probe accumulates while the corpus streams past (this rank's share)."""
 
     probe: Probe
-    moments: Moments | None = None
-    mi_features: list[torch.Tensor] | None = None
-    mi_labels: list[torch.Tensor] | None = None
-    mi_splits: list[torch.Tensor] | None = None
+    moments: Moments
+    mi_items: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)  # utterance index -> (pooled [L, n, d], labels [n], split [n])
     n_items: int = 0
+
+
+@dataclass(frozen=True)
+class _Extracted:
+    """An utterance on its way through the forward pass, carrying its probe targets."""
+
+    index: int
+    targets: dict[str, UtteranceTargets]
+
+
+@dataclass
+class _Plan:
+    """What every model of one command shares: corpus, probes, cached targets and audio."""
+
+    corpus: Corpus
+    probes: dict[str, Probe]
+    targets: dict[tuple[int, int, float], dict[str, UtteranceTargets]] = field(
+        default_factory=dict)
+    audio: dict[int, torch.Tensor] = field(default_factory=dict)
+    audio_bytes: int = 0
+    unreadable: dict[int, str] = field(default_factory=dict)  # index -> reason
 
 
 def resolve_corpus(corpus: Corpus | str | Path | None, config: AnalysisConfig) -> Corpus:
@@ -82,92 +137,199 @@ def score_model(
     A probe/metric that cannot be scored (e.g. fewer items than dimensions) raises a ValueError,
     or, with ``skip_failed``, is left out with a :class:`ScoringWarning` naming it and why.
     """
+    return score_models([model], corpus, config, labels=None if label is None else [label],
+                        progress=progress, skip_failed=skip_failed)
+
+
+def score_models(
+    models: Sequence[LayerModel | str | Path],
+    corpus: Corpus | str | Path | None = None,
+    config: AnalysisConfig | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    progress: bool = True,
+    skip_failed: bool = False,
+    dist_info: Dist | None = None,
+) -> list[Result]:
+    """Score several models on exactly the same items: the corpus is read and the probes are
+    built once, every model streams the same utterances (audio decoded once when it fits
+    ``AUDIO_CACHE_BYTES``).
+
+    Under ``torchrun`` with ``W`` ranks the models are shared out whole first: model ``i`` of the
+    first ``W * (n // W)`` runs on rank ``i % W`` exactly as in one process (no communication;
+    every rank fits its own CCA and k-means). Each of the ``n % W`` models left over is scored by
+    all ranks, each taking the utterances ``index % W == rank``; the float64 moments are summed
+    slot by slot in rank order and the MI items gathered and put back in utterance order (MI is
+    then exactly the single-process value; CCA scores differ from it by the float64 summation
+    order, amplified by the conditioning of the fits). Rank 0 returns every result, in model
+    order; the other ranks return ``[]``. ``dist_info`` (default: from ``torchrun``'s
+    environment) says which ranks take part; ``Dist()`` scores in this process alone.
+    """
     config = config or AnalysisConfig()
-    started = time.time()
-    device = resolve_device(config.device)
-    if not isinstance(model, LayerModel):
-        model_spec = str(model)
-        model = load(model, device=device, fairseq_pretrained=config.fairseq_pretrained or None)
-    else:
-        model_spec = model.name
-        model = model.to(device)
+    if not models:
+        raise ValueError("score_models: no models given")
+    if labels is not None and len(labels) != len(models):
+        raise ValueError(f"{len(labels)} labels for {len(models)} models")
+    if dist_info is None:
+        dist_info, device = init_distributed(config.device)
+    else:  # e.g. Dist() on rank 0 of a training job: score in this process alone
+        device = resolve_device(config.device, dist_info.local_rank)
     corpus = resolve_corpus(corpus, config)
-    probes = build_probes(corpus, config.probes, config.probe_config)
-    states = {name: _ProbeState(probe) for name, probe in probes.items()}
+    plan = _Plan(corpus, build_probes(corpus, config.probes, config.probe_config))
+    world, n = dist_info.world_size, len(models)
+    whole = n - n % world  # models scored whole, one rank each
+    mine = [i for i in range(whole) if i % world == dist_info.rank]
+    per_model: dict[int, list[Result]] = {}
+    for i in [*mine, *range(whole, n)]:
+        sharded = i >= whole
+        per_model[i] = _score_one(
+            models[i], plan, config, device, dist_info if sharded else Dist(),
+            label=labels[i] if labels is not None else None,
+            progress=progress and dist_info.main, skip_failed=skip_failed,
+            keep_audio=i + 1 < n)
+    if world > 1 and whole:
+        gathered = dist_info.gather_object({i: per_model[i] for i in mine})
+        if not dist_info.main:
+            return []
+        assert gathered is not None
+        for part in gathered:
+            per_model.update(part)
+    if not dist_info.main:
+        return []
+    return [r for i in range(n) for r in per_model[i]]
+
+
+def _load_model(model: LayerModel | str | Path, device: torch.device,
+                config: AnalysisConfig) -> tuple[LayerModel, str]:
+    if isinstance(model, LayerModel):
+        return model.to(device), model.name
+    return load(model, device=device, fairseq_pretrained=config.fairseq_pretrained or None), \
+        str(model)
+
+
+def _read(plan: _Plan, index: int, strict: bool, keep: bool) -> torch.Tensor | None:
+    """Utterance ``index``'s audio (cached when ``keep``); None (with a warning naming the file)
+    if it cannot be decoded, or a ValueError with ``strict``."""
+    if index in plan.audio:
+        return plan.audio[index]
+    if index in plan.unreadable:
+        return None
+    path = plan.corpus.utterances[index].audio_path
+    try:
+        wave = load_audio(path)
+    except ValueError as err:
+        if strict:
+            raise
+        plan.unreadable[index] = str(err)
+        warnings.warn(f"{err}: skipped", CorpusWarning, stacklevel=3)
+        return None
+    if keep and plan.audio_bytes + wave.numel() * 4 <= AUDIO_CACHE_BYTES:
+        plan.audio[index] = wave
+        plan.audio_bytes += wave.numel() * 4
+    return wave
+
+
+def _targets(plan: _Plan, index: int, wave: torch.Tensor, n_frames: int, frame_rate: float
+             ) -> dict[str, UtteranceTargets]:
+    """Every probe's targets for one utterance at the model's frame count (computed once per
+    frame count and rate, shared by every model)."""
+    key = (index, n_frames, frame_rate)
+    if key not in plan.targets:
+        targets = {name: probe.targets(index, wave, n_frames, frame_rate)
+                   for name, probe in plan.probes.items()}
+        plan.targets[key] = {name: t for name, t in targets.items() if t.spans.shape[0] > 0}
+    return plan.targets[key]
+
+
+def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config: AnalysisConfig,
+               device: torch.device, dist_info: Dist, *, label: str | None, progress: bool,
+               skip_failed: bool, keep_audio: bool) -> list[Result]:
+    started = time.time()
+    model, model_spec = _load_model(model_spec_or_model, device, config)
+    corpus = plan.corpus
     want_mi = "mi" in config.metrics
     cca_metrics = [m for m in config.metrics if m in CCA_METRICS]
-    n_splits = config.probe_config.n_splits
-    n_shards = config.probe_config.n_shards
-
-    pending: dict[int, dict[str, UtteranceTargets]] = {}
-    audio_seconds = 0.0
-    timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "cca": 0.0, "mi": 0.0}
+    n_layers = model.n_layers + 1
+    # created up front: a rank that sees no items still takes part in the reduction
+    states = {name: _ProbeState(probe, Moments.empty(n_layers, model.dim, probe.dy,
+                                                      n_moment_slots(config), device=device))
+              for name, probe in plan.probes.items()}
+    timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "reduce": 0.0, "cca": 0.0,
+               "mi": 0.0}
     too_short: list[str] = []
+    audio_seconds = 0.0
+    mine = [i for i in range(len(corpus.utterances)) if i % dist_info.world_size == dist_info.rank]
 
-    def waveforms() -> Iterator[tuple[int, torch.Tensor]]:
+    def waveforms() -> Iterator[tuple[_Extracted, torch.Tensor]]:
         nonlocal audio_seconds
-        for index, utt in enumerate(corpus.utterances):
+        for index in mine:
             tic = time.perf_counter()
-            wave = load_audio(utt.audio_path)
+            wave = _read(plan, index, config.strict, keep_audio)
+            if wave is None:
+                timings["read"] += time.perf_counter() - tic
+                continue
             if wave.shape[-1] < model.receptive_field:
-                too_short.append(str(utt.audio_path))
-                warnings.warn(f"{utt.audio_path}: {wave.shape[-1]} samples, shorter than the "
+                path = corpus.utterances[index].audio_path
+                too_short.append(str(path))
+                warnings.warn(f"{path}: {wave.shape[-1]} samples, shorter than the "
                               f"model's receptive field ({model.receptive_field} samples): "
                               "skipped", UserWarning, stacklevel=2)
                 continue
             n_frames = model.num_frames(int(wave.shape[-1]))
-            targets = {
-                name: probe.targets(index, wave, n_frames, model.frame_rate)
-                for name, probe in probes.items()
-            }
-            targets = {name: t for name, t in targets.items() if t.spans.shape[0] > 0}
+            targets = _targets(plan, index, wave, n_frames, model.frame_rate)
             timings["read"] += time.perf_counter() - tic
             if not targets:
                 continue  # no probe samples this utterance: skip its forward pass
-            pending[index] = targets
             audio_seconds += wave.shape[-1] / 16000
-            yield index, wave
+            yield _Extracted(index, targets), wave
 
-    dtype = torch.bfloat16 if config.bf16 else None
-    stream = iter_hidden_states(
-        model,
-        waveforms(),
-        batch_seconds=config.batch_seconds,
-        max_chunk_seconds=config.max_chunk_seconds,
-        dtype=dtype,
-    )
-    bar = tqdm(stream, total=len(corpus.utterances), desc=f"scoring {label or model_spec}",
-               unit="utt", disable=not progress)
+    stream = iter_hidden_states(model, waveforms(), batch_seconds=config.batch_seconds,
+                                max_chunk_seconds=config.max_chunk_seconds,
+                                dtype=torch.bfloat16 if config.bf16 else None)
+    label = label or model_label(model_spec)
+    bar = tqdm(stream, total=len(mine), desc=f"scoring {label}", unit="utt",
+               disable=not progress)
     n_utterances = 0
     loop_start = time.perf_counter()
-    for index, hidden in bar:
+    for item, hidden in bar:
         n_utterances += 1
         tic = time.perf_counter()
-        for name, targets in pending.pop(index).items():
-            _accumulate(states[name], hidden, targets, n_shards, want_mi,
-                        utterance=corpus.utterances[index].id)
+        for name, targets in item.targets.items():
+            _accumulate(states[name], hidden, targets, want_mi,
+                        index=item.index, utterance=corpus.utterances[item.index].id)
         _synchronize(device)
         timings["statistics"] += time.perf_counter() - tic
     bar.close()
     loop = time.perf_counter() - loop_start
     timings["forward"] = max(loop - timings["read"] - timings["statistics"], 0.0)
 
-    layers = list(range(model.n_layers + 1))
+    tic = time.perf_counter()
+    counts = _reduce(states, dist_info, want_mi,
+                     (n_utterances, audio_seconds, len(too_short), too_short[:1],
+                      sorted(plan.unreadable.items())))
+    timings["reduce"] = time.perf_counter() - tic
+    if not dist_info.main:
+        return []
+    n_utterances, audio_seconds, n_short, short_examples, unreadable = counts
     meta = {
         "layerprobe": layerprobe.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        "world_size": dist_info.world_size,
         "model_source": model.source,
         "n_layers": model.n_layers,
         "dim": model.dim,
         "frame_rate": model.frame_rate,
         "n_utterances": n_utterances,
+        "n_unreadable": len(unreadable),
+        "unreadable": [str(corpus.utterances[i].audio_path) for i, _ in unreadable],
+        "n_too_short": n_short,
         "audio_seconds": round(audio_seconds, 3),
         "config": config.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    label = label or model_label(model_spec)
+    layers = list(range(n_layers))
     results: list[Result] = []
     for name, state in states.items():
         for metric in (*cca_metrics, *(["mi"] if want_mi and state.probe.level == "segment"
@@ -175,28 +337,28 @@ def score_model(
             tic = time.perf_counter()
             try:
                 if state.n_items == 0:
-                    short = (f"; {len(too_short)} utterance(s) shorter than the model's "
-                             f"receptive field of {model.receptive_field} samples, e.g. "
-                             f"{too_short[0]}" if too_short else "")
+                    short = (f"; {n_short} utterance(s) shorter than the model's receptive "
+                             f"field of {model.receptive_field} samples, e.g. "
+                             f"{short_examples[0]}" if n_short else "")
                     raise ValueError(f"no items in corpus {corpus.name!r} "
                                      f"(check its alignments and tier names{short})")
+                common = {"model": model_spec, "label": label, "corpus": corpus.name,
+                          "probe": name, "layers": layers}
                 if metric == "mi":
-                    results.append(_mi_result(state, config, n_splits, layers, model_spec,
-                                              label, corpus.name, meta, started))
+                    results.append(_mi_result(state, config, device, common, meta, started))
                 else:
-                    assert state.moments is not None
                     cca = cca_score_moments(state.moments, n_trials=config.n_trials,
                                             seed=config.seed, metric=metric, device=device,
-                                            n_splits=n_splits, n_seeds=config.n_seeds)
+                                            n_splits=config.probe_config.n_splits,
+                                            n_seeds=config.n_seeds)
                     results.append(Result(
-                        model=model_spec, label=label, corpus=corpus.name, probe=name,
-                        metric=metric, layers=layers, scores=[float(s) for s in cca.scores],
+                        **common, metric=metric, scores=[float(s) for s in cca.scores],
                         std=cca.std,
                         details={**cca.details, "n_items": state.n_items},
                         meta={**meta, "seconds": round(time.time() - started, 3)},
                     ))
             except ValueError as err:
-                message = f"probe {name!r}, metric {metric!r}: {err}"
+                message = f"{label}: probe {name!r}, metric {metric!r}: {err}"
                 if not skip_failed:
                     raise ValueError(message) from err
                 warnings.warn(message, ScoringWarning, stacklevel=2)
@@ -210,13 +372,50 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reduce(states: dict[str, _ProbeState], dist_info: Dist, want_mi: bool, counts: tuple
+            ) -> tuple:
+    """Combine the ranks' shares on rank 0, in rank order: moments summed field by field and
+    split slot by split slot (float64), MI items and counts gathered. Returns the combined
+    counts (on rank 0; this rank's on the others)."""
+    if not dist_info.enabled:
+        return counts
+    for state in states.values():
+        state.moments.flush()
+        for name in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
+            tensor = getattr(state.moments, name)
+            for slot in range(tensor.shape[0]):
+                parts = [torch.empty_like(tensor[slot]) for _ in range(dist_info.world_size)]
+                dist.all_gather(parts, tensor[slot].contiguous())
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
+                tensor[slot].copy_(total)
+        state.moments._total = None
+        gathered = dist_info.gather_object(
+            (state.n_items, state.mi_items if want_mi else {}))
+        if dist_info.main:
+            assert gathered is not None
+            state.n_items = sum(n for n, _ in gathered)
+            state.mi_items = {k: v for _, items in gathered for k, v in items.items()}
+    gathered_counts = dist_info.gather_object(counts)
+    if not dist_info.main:
+        return counts
+    assert gathered_counts is not None
+    n_utt = sum(c[0] for c in gathered_counts)
+    seconds = sum(c[1] for c in gathered_counts)
+    n_short = sum(c[2] for c in gathered_counts)
+    examples = [e for c in gathered_counts for e in c[3]]
+    unreadable = sorted(u for c in gathered_counts for u in c[4])
+    return n_utt, seconds, n_short, examples, unreadable
+
+
 def _accumulate(
     state: _ProbeState,
     hidden: torch.Tensor,
     targets: UtteranceTargets,
-    n_splits: int,
     want_mi: bool,
     *,
+    index: int,
     utterance: str,
 ) -> None:
     """Pool one utterance's hidden states to the probe's items and add them to the statistics."""
@@ -226,78 +425,39 @@ def _accumulate(
             f"{int(targets.spans[:, 1].max())} but the model gave {hidden.shape[1]} frames"
         )
     pooled = pool_spans(hidden, targets.spans.to(hidden.device))
-    if state.moments is None:
-        state.moments = Moments.empty(
-            hidden.shape[0], hidden.shape[-1], state.probe.dy, n_splits, device=hidden.device
-        )
     state.moments.update(pooled, targets.y.to(hidden.device), targets.split.to(hidden.device))
     state.n_items += int(pooled.shape[1])
     if want_mi and state.probe.level == "segment":
-        if state.mi_features is None:
-            state.mi_features, state.mi_labels, state.mi_splits = [], [], []
-        state.mi_features.append(pooled.float().cpu())
-        state.mi_labels.append(targets.labels.cpu())
-        state.mi_splits.append(targets.split.cpu())
+        state.mi_items[index] = (pooled.float().cpu(), targets.labels.cpu(), targets.split.cpu())
 
 
-def _mi_result(
-    state: _ProbeState,
-    config: AnalysisConfig,
-    n_splits: int,
-    layers: list[int],
-    model_spec: str,
-    label: str,
-    corpus_name: str,
-    meta: dict,
-    started: float,
-) -> Result:
-    """Cluster each layer's segment features and score MI against the segment labels."""
-    assert state.mi_features is not None and state.mi_labels is not None
-    assert state.mi_splits is not None
-    features = torch.cat(state.mi_features, dim=1).numpy()
-    labels = torch.cat(state.mi_labels).numpy()
-    split = torch.cat(state.mi_splits).numpy()
-    train = split % n_splits < n_splits - MI_HELD_OUT_SPLITS
+def _mi_result(state: _ProbeState, config: AnalysisConfig, device: torch.device, common: dict,
+               meta: dict, started: float) -> Result:
+    """Cluster each layer's segment features (items in utterance order, whatever the batching or
+    the number of ranks) and score MI against the segment labels."""
+    order = sorted(state.mi_items)
+    features = torch.cat([state.mi_items[i][0] for i in order], dim=1)
+    labels = torch.cat([state.mi_items[i][1] for i in order]).numpy()
+    split = torch.cat([state.mi_items[i][2] for i in order]).numpy()
+    train = mi_train_mask(split, config.probe_config.n_splits)
     name = state.probe.name
-    n_clusters = config.word_clusters if name.startswith("word") else config.phone_clusters
     n_held_out = int((~train).sum())
-    if min(n_clusters, int(train.sum())) > n_held_out:
-        warnings.warn(f"probe {name!r}: MI with {min(n_clusters, int(train.sum()))} clusters for "
-                      f"{n_held_out} held-out items is biased toward 1 (most items get a cluster "
-                      "of their own); use fewer clusters ([mi] in the analysis config)",
+    n_clusters, rule = mi_cluster_rule(name, n_held_out, config)
+    k = min(n_clusters, int(train.sum()))
+    if n_held_out < MI_HELD_OUT_PER_CLUSTER * k:
+        warnings.warn(f"probe {name!r}: MI with {k} clusters for {n_held_out} held-out items "
+                      f"(fewer than {MI_HELD_OUT_PER_CLUSTER} per cluster) is biased toward 1; "
+                      "use fewer clusters ([mi] in the analysis config) or more items",
                       UserWarning, stacklevel=3)
-    batch_size = 4000 if name.startswith("word") else 1500
-    mi = mi_score(features, labels, train, n_clusters=n_clusters, batch_size=batch_size,
-                  seed=config.seed, max_iter=config.mi_max_iter)
+    mi = mi_score(features, labels, train, n_clusters=n_clusters, kmeans=config.mi_kmeans,
+                  seed=config.seed, n_seeds=config.n_seeds, device=device)
     return Result(
-        model=model_spec, label=label, corpus=corpus_name, probe=name, metric="mi",
-        layers=layers, scores=[float(s) for s in mi.scores],
-        details={**mi.details, "n_items": int(labels.shape[0]),
-                 "held_out_splits": MI_HELD_OUT_SPLITS, "n_train": int(train.sum())},
+        **common, metric="mi", scores=[float(s) for s in mi.scores], std=mi.std,
+        details={**mi.details, "n_items": int(labels.shape[0]), "n_clusters_rule": rule,
+                 "held_out_splits": MI_HELD_OUT_SPLITS,
+                 "biased": n_held_out < MI_HELD_OUT_PER_CLUSTER * k},
         meta={**meta, "seconds": round(time.time() - started, 3)},
     )
-
-
-def score_models(
-    models: Sequence[LayerModel | str | Path],
-    corpus: Corpus | str | Path | None = None,
-    config: AnalysisConfig | None = None,
-    *,
-    labels: Sequence[str] | None = None,
-    progress: bool = True,
-    skip_failed: bool = False,
-) -> list[Result]:
-    """Score several models on exactly the same items (one corpus and probe plan, same seed)."""
-    config = config or AnalysisConfig()
-    if labels is not None and len(labels) != len(models):
-        raise ValueError(f"{len(labels)} labels for {len(models)} models")
-    corpus = resolve_corpus(corpus, config)
-    results: list[Result] = []
-    for i, model in enumerate(models):
-        label = labels[i] if labels is not None else None
-        results.extend(score_model(model, corpus, config, label=label, progress=progress,
-                                   skip_failed=skip_failed))
-    return results
 
 
 def summary_table(results: Sequence[Result]) -> str:
@@ -314,6 +474,7 @@ def summary_table(results: Sequence[Result]) -> str:
             for r in results
         ]
         lines.append(f"{i:>5}  " + "  ".join(cells))
-    best = [f"{r.probe}/{r.metric}: best layer {int(np.argmax(r.scores))}" for r in results]
+    best = [f"{r.label}:{r.probe}/{r.metric}: best layer {int(np.argmax(r.scores))}"
+            for r in results]
     lines.append("; ".join(best))
     return "\n".join(lines)

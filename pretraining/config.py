@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from layerprobe.config import read_toml
+from layerprobe.kmeans import KMeansConfig as LayerprobeKMeansConfig
 
 SCHEDULES = ("original", "uniform", "progressive", "progressive-cluster")
 PRESETS = ("tiny", "base")
@@ -90,10 +91,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class KMeansConfig:
-    """MiniBatchKMeans settings (fairseq ``simple_kmeans`` defaults) and feature extraction."""
+class KMeansConfig(LayerprobeKMeansConfig):
+    """layerprobe's k-means settings (:class:`layerprobe.kmeans.KMeansConfig`, the same as MI's)
+    with fairseq ``simple_kmeans``'s defaults, and the layer-feature chunk length."""
 
-    init: str = "k-means++"
     max_iter: int = 100
     batch_size: int = 10_000
     tol: float = 0.0

@@ -113,15 +113,33 @@ def profile_iteration(run_dir: Path, iteration: int, n_iterations: int, profile:
                       log: Callable[[str], None] = print) -> list[Result]:
     """Score ``it{i}/ckpt.pt``, write ``it{i}/probe.json``, and refresh the run's figure
     (``profile.png``), results (``profile.json``) and index (``autoencoder.json``)."""
-    from layerprobe.plots import plot_layerwise
-    from layerprobe.score import score_model
+    return profile_checkpoints(run_dir, [iteration], n_iterations, profile, device=device,
+                               meta=meta, log=log)
 
-    ckpt = run_dir / f"it{iteration}" / "ckpt.pt"
+
+def profile_checkpoints(run_dir: Path, iterations: Sequence[int], n_iterations: int,
+                        profile: ProfileConfig, *, device: str = "cpu",
+                        meta: dict[str, Any] | None = None,
+                        log: Callable[[str], None] = print) -> list[Result]:
+    """Score the checkpoints ``it{i}/ckpt.pt`` of ``iterations`` in one pass of
+    :func:`layerprobe.score.score_models` (corpus read and probes built once, the same items for
+    every iteration), write each ``it{i}/probe.json``, then refresh the run's figure, results and
+    index. Scores in this process alone (it may be rank 0 of a training job)."""
+    from layerprobe.distributed import Dist
+    from layerprobe.plots import plot_layerwise
+    from layerprobe.score import score_models
+
     cfg = analysis_config(profile, device)
-    results = score_model(ckpt, cfg.corpus or None, cfg, label=f"it{iteration}")
+    ckpts = [run_dir / f"it{i}" / "ckpt.pt" for i in iterations]
+    results = score_models(ckpts, cfg.corpus or None, cfg, labels=[f"it{i}" for i in iterations],
+                           dist_info=Dist())
+    by_label = {f"it{i}": i for i in iterations}
     results = [Result(**{**r.to_dict(), "meta": {**r.meta, **(meta or {}),
-                                                "iteration": iteration}}) for r in results]
-    save_results(results, run_dir / f"it{iteration}" / "probe.json")
+                                                "iteration": by_label[r.label]}})
+               for r in results]
+    for i in iterations:
+        save_results([r for r in results if r.label == f"it{i}"],
+                     run_dir / f"it{i}" / "probe.json")
     everything = collect_results(run_dir, n_iterations)
     save_results(everything, run_dir / "profile.json")
     plot_layerwise(everything, run_dir / "profile.png",

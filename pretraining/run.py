@@ -25,7 +25,6 @@ across k-means runs. Whether Vielzeuf (2024) continued is not known.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from layerprobe.models import resolve_device as layerprobe_device
+from layerprobe.distributed import Dist, init_distributed
 from pretraining.config import PretrainConfig
 from pretraining.data import AudioSet, BatchStream
 from pretraining.model import (
@@ -47,7 +46,7 @@ from pretraining.model import (
 )
 from pretraining.schedules import Iteration, Plan, plan_from_config
 from pretraining.targets import Labels, compute_labels
-from pretraining.train import STATE_FORMAT, Dist, seed_all, train_iteration
+from pretraining.train import STATE_FORMAT, seed_all, train_iteration
 
 # config keys that may differ when resuming (they do not change the trained weights)
 RESUME_FREE = {("train", "log_every"), ("train", "save_every"), ("train", "device"),
@@ -61,26 +60,6 @@ class RunSummary:
     completed: tuple[int, ...]  # iterations with a final checkpoint
     stopped_early: bool
     seconds: float
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """layerprobe's device rule; a bare ``cuda`` (or ``auto`` on a GPU) is this rank's GPU."""
-    resolved = layerprobe_device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", local_rank)
-    return resolved
-
-
-def init_distributed(device: str) -> tuple[Dist, torch.device]:
-    """Join the ``torchrun`` process group if ``WORLD_SIZE`` > 1 (nccl on CUDA, else gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local), dev
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -1,4 +1,4 @@
-"""Pretraining targets: MFCC or layer features, MiniBatchKMeans, labels at the model frame rate.
+"""Pretraining targets: MFCC or layer features, k-means, labels at the model frame rate.
 
 - MFCC: kaldi-compatible 13 coefficients (torchaudio ``compliance.kaldi.mfcc``, 25 ms / 10 ms,
   no energy, as fairseq's ``dump_mfcc_feature.py``) + deltas + delta-deltas → 39-d at 100 Hz.
@@ -11,8 +11,9 @@
   overlapping chunks so every frame is produced), run only up to block ``L``.
 - Unreadable audio (a file that fails to decode) is skipped with a warning naming it, and listed
   in ``Labels.skipped``; the training stream then leaves that utterance out.
-- k-means: ``MiniBatchKMeans`` with fairseq's settings, fitted on a random fraction of the
-  utterances (all their frames); every utterance is then labelled by the nearest centroid.
+- k-means: :mod:`layerprobe.kmeans` (torch, on the run's device; the same implementation as MI)
+  with fairseq's mini-batch settings, fitted on a random fraction of the utterances (all their
+  frames); every utterance is then labelled by the nearest centroid.
 - Labels: one int tensor per utterance of exactly ``num_frames(n_samples)`` frames, in
   ``RUN_DIR/it{i}/labels.pt`` (written atomically, with the centroids).
 """
@@ -25,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torchaudio
-from sklearn.cluster import MiniBatchKMeans
 
 from layerprobe.atomic import atomic_torch_save
+from layerprobe.kmeans import kmeans_fit, kmeans_predict
 from pretraining.config import KMeansConfig
 from pretraining.model import num_frames, receptive_field
 from pretraining.schedules import Iteration
@@ -118,27 +118,25 @@ def frame_features(waveform: torch.Tensor, model_args: dict[str, Any],
     return feats[:n]
 
 
-def fit_kmeans(features: np.ndarray, n_clusters: int, config: KMeansConfig,
-               seed: int) -> MiniBatchKMeans:
-    """MiniBatchKMeans on [n, d] features with fairseq's settings."""
+def fit_kmeans(features: torch.Tensor, n_clusters: int, config: KMeansConfig, seed: int, *,
+               device: str | torch.device | None = None) -> torch.Tensor:
+    """k-means on [n, d] features (layerprobe.kmeans, fairseq's settings) → centroids [k, d]
+    float32 on the CPU."""
     if features.ndim != 2:
-        raise ValueError(f"k-means features must be [n, d], got shape {features.shape}")
+        raise ValueError(f"k-means features must be [n, d], got shape {tuple(features.shape)}")
     if features.shape[0] < n_clusters:
         raise ValueError(f"k-means with {n_clusters} clusters needs at least {n_clusters} frames, "
                          f"got {features.shape[0]}: raise kmeans_fraction or use fewer clusters")
-    km = MiniBatchKMeans(n_clusters=n_clusters, init=config.init, max_iter=config.max_iter,
-                         batch_size=config.batch_size, tol=config.tol,
-                         max_no_improvement=config.max_no_improvement, n_init=config.n_init,
-                         reassignment_ratio=config.reassignment_ratio, random_state=seed,
-                         compute_labels=False, verbose=0)
-    return km.fit(features.astype(np.float32, copy=False))
+    fit = kmeans_fit(features.float(), n_clusters, config=config, seed=seed, device=device)
+    return fit.centroids[0].cpu()
 
 
-def nearest_centroid(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """argmin over centroids of the squared distance: [n, d], [k, d] → [n] int64."""
-    x, c = features.double(), centroids.double()
-    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None]
-    return d.argmin(dim=1)
+def nearest_centroid(features: torch.Tensor, centroids: torch.Tensor, *,
+                     memory_mb: float = 256.0) -> torch.Tensor:
+    """Nearest centroid of every row: [n, d], [k, d] → [n] int64 (chunked, float32 distances,
+    as k-means assigns them)."""
+    return kmeans_predict(features.float(), centroids.to(features.device).float(),
+                          memory_mb=memory_mb).cpu()
 
 
 @dataclass(frozen=True)
@@ -245,16 +243,16 @@ def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Ten
                                     skipped))
     if not feats:
         raise ValueError(f"iteration {iteration.index}: no readable utterance to fit k-means on")
-    fit_data = torch.cat([feats[i] for i in subset if i in feats]).numpy()
+    fit_data = torch.cat([feats[i] for i in subset if i in feats])
     log(f"iteration {iteration.index}: k-means with {iteration.clusters} clusters on "
         f"{fit_data.shape[0]} frames of {iteration.target_name} ({len(feats)} utterances)")
-    km = fit_kmeans(fit_data, iteration.clusters, config, seed)
-    centroids = torch.from_numpy(km.cluster_centers_).float()
-    labels = {utterance_ids[i]: nearest_centroid(f, centroids) for i, f in feats.items()}
+    centroids = fit_kmeans(fit_data, iteration.clusters, config, seed, device=device)
+    labels = {utterance_ids[i]: nearest_centroid(f, centroids, memory_mb=config.memory_mb)
+              for i, f in feats.items()}
     fitted = set(subset)
     rest = [i for i in range(len(utterance_ids)) if i not in fitted]
     for i, f in utterance_features(rest, load, utterance_ids, model_args, extractor, skipped):
-        labels[utterance_ids[i]] = nearest_centroid(f, centroids)
+        labels[utterance_ids[i]] = nearest_centroid(f, centroids, memory_mb=config.memory_mb)
     if skipped:
         log(f"iteration {iteration.index}: {len(skipped)} unreadable utterance(s) skipped, "
             f"e.g. {skipped[0]!r}")

@@ -25,7 +25,6 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from layerprobe.atomic import atomic_torch_save
+from layerprobe.distributed import Dist
 from pretraining.config import TrainConfig
 from pretraining.data import Batch, BatchStream, Prefetcher
 from pretraining.model import PretrainStep, layer_keep, span_mask
 
 STATE_FORMAT = "pretraining-state-v1"
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Process-group facts (rank 0 of 1 when not under ``torchrun``)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -16,12 +16,19 @@ from layerprobe.extract import iter_hidden_states
 from layerprobe.models import load
 from layerprobe.probes import build_probes, pool_spans
 from layerprobe.results import load_results
-from layerprobe.score import score_model, score_models
+from layerprobe.score import (
+    MI_HELD_OUT_PER_CLUSTER,
+    mi_cluster_rule,
+    mi_train_mask,
+    score_model,
+    score_models,
+    summary_table,
+)
 from tests.model_fixtures import save_hf_folder, save_native_from_hf, tiny_hf_model
 
 CONFIG = AnalysisConfig(
     max_utterances=40, device="cpu", metrics=("pwcca", "mi"), n_trials=2,
-    phone_clusters=8, word_clusters=8, mi_max_iter=20, batch_seconds=20.0,
+    phone_clusters=8, word_clusters=8, batch_seconds=20.0,
 )
 
 
@@ -107,7 +114,7 @@ def test_cli_score_plot_and_compare(model_specs, tmp_path, capsys):
                  "--no-progress", "--label", "tiny"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "tiny:word/pwcca" in printed and "best layer" in printed
+    assert "tiny:word/pwcca" in printed and "tiny:word/pwcca: best layer" in printed
     results = load_results(out)
     assert {r.probe for r in results} == {"word", "fbank"}
     figure = tmp_path / "fig.png"
@@ -149,7 +156,7 @@ def test_cli_keeps_what_it_could_score_and_says_what_it_could_not(model_specs, t
                  "--max-utterances", "3", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "not scored: probe 'word'" in err and "items" in err
+    assert "/native: probe 'word'" in err and "items" in err  # names the model
     assert {r.probe for r in load_results(out)} == {"fbank"}
 
 
@@ -196,3 +203,113 @@ def test_cli_strict_stops_at_the_first_bad_utterance(model_specs, tmp_path, caps
         assert main(args) == 0
     assert main([*args, "--strict"]) == 1
     assert "bad.TextGrid" in capsys.readouterr().err
+
+
+def test_mi_results_carry_the_spread_over_kmeans_seeds(native_results):
+    for r in native_results:
+        if r.metric != "mi":
+            continue
+        seeds = np.asarray(r.details["seed_scores"])
+        assert seeds.shape == (CONFIG.n_seeds, len(r.layers))
+        np.testing.assert_allclose(r.scores, seeds.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(r.std, seeds.std(0, ddof=1), rtol=1e-12)
+        assert r.details["spread"] == "k-means seeds"
+        assert r.details["n_clusters_rule"] == "config: " + (
+            "word_clusters = 8" if r.probe == "word" else "phone_clusters = 8")
+
+
+def test_mi_cluster_counts_from_the_data_and_a_warning_for_every_biased_probe(model_specs,
+                                                                              corpus):
+    config = CONFIG.replace(probes=("phone", "word"), metrics=("mi",), phone_clusters=0,
+                            word_clusters=0, n_seeds=1)
+    assert mi_cluster_rule("phone", 4000, config)[0] == 400
+    assert mi_cluster_rule("word", 100_000, config)[0] == 5000
+    assert mi_cluster_rule("word", 7, config)[0] == 2
+    import warnings
+
+    for clusters in (0, 200):  # from the data (not biased here), then explicit and biased
+        config = config.replace(phone_clusters=clusters, word_clusters=clusters)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = score_model(model_specs["native"], corpus, config, progress=False)
+        biased = [str(w.message) for w in caught if "biased" in str(w.message)]
+        for r in results:
+            k, held_out = r.details["n_clusters"], r.details["n_test"]
+            if clusters == 0:
+                assert r.details["n_clusters_rule"].startswith("from the data")
+                assert k == max(2, min(500 if r.probe == "phone" else 5000,
+                                       held_out // MI_HELD_OUT_PER_CLUSTER))
+            else:
+                assert r.details["n_clusters_rule"].startswith("config")
+                assert r.details["biased"]  # kept as asked, with the warning
+            assert r.details["biased"] == (held_out < MI_HELD_OUT_PER_CLUSTER * k)
+            assert r.details["biased"] == any(f"probe {r.probe!r}" in m for m in biased)
+    assert mi_train_mask(np.arange(10), 10).tolist() == [True] * 8 + [False] * 2
+
+
+def test_summary_table_names_the_model_of_every_best_layer(native_results):
+    line = summary_table(native_results).splitlines()[-1]
+    assert all(f"{r.label}:{r.probe}/{r.metric}: best layer" in line for r in native_results)
+
+
+def test_cli_scores_many_checkpoints_into_one_file(model_specs, tmp_path, capsys):
+    import shutil
+
+    for it in ("it1", "it2"):
+        (tmp_path / "run" / it).mkdir(parents=True)
+        shutil.copy(model_specs["native"], tmp_path / "run" / it / "ckpt.pt")
+    out = tmp_path / "all.json"
+    code = main(["score", str(tmp_path / "run" / "it1" / "ckpt.pt"),
+                 str(tmp_path / "run" / "it2" / "ckpt.pt"), "--probe", "phone",
+                 "--max-utterances", "40", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = load_results(out)
+    assert [r.label for r in results] == ["it1/ckpt", "it2/ckpt"]
+    assert results[0].scores == results[1].scores  # same weights, same items
+    assert main(["score", model_specs["native"], model_specs["hf"], "--label", "x",
+                 "--no-progress"]) == 1
+    assert "--label names one model" in capsys.readouterr().err
+
+
+def _corpus_with_corrupt_flac(tmp_path):
+    import shutil
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    utterances = load_corpus(None, max_utterances=6).utterances
+    for u in utterances:
+        shutil.copy(u.audio_path, data / u.audio_path.name)
+        shutil.copy(u.alignment_path, data / u.alignment_path.name)
+    bad = data / utterances[-1].audio_path.name
+    raw = bytearray(bad.read_bytes())
+    start = len(raw) // 3  # the header stays valid: the corpus check passes
+    raw[start:] = np.random.default_rng(0).integers(0, 256, len(raw) - start,
+                                                    dtype=np.uint8).tobytes()
+    bad.write_bytes(bytes(raw))
+    return data, bad
+
+
+def test_cli_skips_an_undecodable_flac_with_a_warning_and_strict_stops(model_specs, tmp_path,
+                                                                       capsys):
+    data, bad = _corpus_with_corrupt_flac(tmp_path)
+    out = tmp_path / "r.json"
+    args = ["score", model_specs["native"], "--data", str(data), "--probe", "fbank",
+            "--device", "cpu", "--out", str(out), "--no-progress"]
+    with pytest.warns(UserWarning, match=f"{bad.name}: cannot read audio.*skipped"):
+        assert main(args) == 0
+    meta = load_results(out)[0].meta
+    assert meta["n_unreadable"] == 1 and meta["unreadable"] == [str(bad)]
+    assert meta["n_utterances"] == 5
+    out.unlink()
+    assert main([*args, "--strict"]) == 1
+    assert bad.name in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_mi_backend_sklearn(model_specs, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["score", model_specs["native"], "--probe", "phone", "--metric", "mi",
+                 "--mi-backend", "sklearn", "--max-utterances", "20", "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    (result,) = load_results(out)
+    assert result.details["kmeans"]["backend"] == "sklearn"

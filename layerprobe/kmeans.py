@@ -1,0 +1,323 @@
+"""k-means for MI scores and pretraining targets: torch, batched over layers, CPU or CUDA.
+
+One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` against centroids
+``[L, k, d]`` (a single set is ``L = 1``). Steps:
+
+- init: k-means++ (seeded ``torch.Generator`` on the data's device), batched over layers, on a
+  random subset of ``init_size`` rows;
+- Lloyd (``batch_size = 0`` or >= the rows: full passes until the relative inertia decrease is
+  below ``tol``) or mini-batch (Sculley 2010 with per-centroid learning rates ``1/count``, as
+  scikit-learn's ``MiniBatchKMeans``; stops after ``max_no_improvement`` steps without a better
+  smoothed batch inertia, or ``max_iter`` epochs);
+- ``n_init`` seedings: Lloyd runs each and keeps the lowest inertia (on all rows), per layer;
+  mini-batch runs only the seeding with the lowest inertia on its own rows (as scikit-learn).
+
+Distances are ``||x||² − 2 x·c + ||c||²`` with float32 matmuls, in row chunks so that no
+``[L, rows, k]`` block exceeds ``memory_mb``; assignments are ``argmin`` (first index on ties),
+so a seed gives the same clusters on the CPU whatever the chunk size; the distance to the chosen
+centroid (inertia, empty-cluster refills) is then computed directly as ``||x − c||²``. Empty
+Lloyd clusters take the rows farthest from their centroids. Inertia is summed in float64. Each
+layer stops when it converges (its centroids frozen), so a layer ends as it would alone.
+
+``backend = "sklearn"`` runs scikit-learn's ``MiniBatchKMeans`` per layer with the same settings
+(the reference implementation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["KMeansConfig", "KMeansFit", "kmeans_fit", "kmeans_predict", "assign_chunked"]
+
+BACKENDS = ("torch", "sklearn")
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """k-means settings shared by MI (``[mi]`` of an analysis config) and pretraining targets
+    (``[kmeans]`` of a pretraining config)."""
+
+    backend: str = "torch"  # "torch" (CPU/CUDA, batched over layers) or "sklearn" (reference)
+    init: str = "k-means++"
+    n_init: int = 3  # k-means++ seedings tried; the lowest inertia wins
+    max_iter: int = 100  # Lloyd iterations, or mini-batch epochs
+    batch_size: int = 0  # 0: full Lloyd (agrees with scikit-learn's MI); > 0: mini-batch rows
+    tol: float = 1e-4  # Lloyd: stop when inertia falls by less than this fraction; mini-batch:
+    # a smoothed batch inertia is "better" when lower by more than this fraction
+    max_no_improvement: int = 10  # mini-batch: stop after this many steps without a better one
+    init_size: int = 0  # k-means++ on this many random rows; 0: max(3 * batch_size, 3 * k)
+    reassignment_ratio: float = 0.0  # scikit-learn backend only
+    memory_mb: float = 256.0  # largest [L, rows, k] float32 distance block
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"k-means backend must be one of {list(BACKENDS)}, "
+                             f"got {self.backend!r}")
+        if self.init != "k-means++":
+            raise ValueError(f"k-means init must be 'k-means++', got {self.init!r}")
+        for name in ("n_init", "max_iter"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"k-means {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "max_no_improvement", "init_size"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"k-means {name} must be >= 0, got {getattr(self, name)}")
+        if self.tol < 0 or self.reassignment_ratio < 0:
+            raise ValueError("k-means tol and reassignment_ratio must be >= 0")
+        if not self.memory_mb > 0:
+            raise ValueError(f"k-means memory_mb must be > 0, got {self.memory_mb}")
+
+
+@dataclass(frozen=True)
+class KMeansFit:
+    """Centroids ``[L, k, d]`` (float32), per-layer inertia on the fitted rows and steps run."""
+
+    centroids: torch.Tensor
+    inertia: list[float]
+    n_steps: list[int]
+
+
+def _as_layered(x, *, name: str) -> tuple[torch.Tensor, bool]:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    squeeze = t.ndim == 2
+    if squeeze:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be [L, n, d] or [n, d], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    return t.float(), squeeze
+
+
+def chunk_rows(n_layers: int, k: int, memory_mb: float) -> int:
+    """Rows per distance block so that ``[n_layers, rows, k]`` float32 fits ``memory_mb``."""
+    return max(1, int(memory_mb * 2**20 // (4 * n_layers * max(k, 1))))
+
+
+def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0,
+                   exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row: x ``[L, n, d]``, centroids ``[L, k, d]`` → (ids ``[L, n]``
+    int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``.
+    ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c)."""
+    L, n, d = x.shape
+    if centroids.ndim != 3 or centroids.shape[0] != L or centroids.shape[2] != d:
+        raise ValueError(f"centroids must be [{L}, k, {d}], got {tuple(centroids.shape)}")
+    c = centroids.to(device=x.device, dtype=torch.float32)
+    c_sq = c.pow(2).sum(-1)  # [L, k]
+    step = chunk_rows(L, c.shape[1], memory_mb)
+    ids = torch.empty(L, n, dtype=torch.int64, device=x.device)
+    dist = torch.empty(L, n, dtype=torch.float32, device=x.device)
+    layer = torch.arange(L, device=x.device)[:, None]
+    for start in range(0, n, step):
+        xs = x[:, start:start + step]
+        d2 = torch.baddbmm(c_sq[:, None, :], xs, c.mT, alpha=-2.0)  # [L, m, k]
+        best, arg = d2.min(dim=-1)
+        ids[:, start:start + step] = arg
+        if exact:
+            dist[:, start:start + step] = (xs - c[layer, arg]).pow(2).sum(-1)
+        else:
+            dist[:, start:start + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0.0)
+    return ids, dist
+
+
+def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype,
+                  memory_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums ``[L, k, d]`` and counts ``[L, k]``: batched one-hot matmuls over row
+    chunks (no ``[L, rows, k]`` one-hot block beyond ``memory_mb``)."""
+    L, n, d = x.shape
+    sums = torch.zeros(L, k, d, dtype=dtype, device=x.device)
+    counts = torch.zeros(L, k, dtype=dtype, device=x.device)
+    step = chunk_rows(L, k, memory_mb * 4 / dtype.itemsize)
+    for start in range(0, n, step):
+        part = ids[:, start:start + step]
+        onehot = torch.zeros(*part.shape, k, dtype=dtype, device=x.device)
+        onehot.scatter_(-1, part[..., None], 1.0)
+        sums.baddbmm_(onehot.mT, x[:, start:start + step].to(dtype))
+        counts += onehot.sum(1)
+    return sums, counts
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding, batched over layers: x ``[L, m, d]`` → centroids ``[L, k, d]``.
+
+    The layers share the random numbers (each layer's draw is still a k-means++ draw from its own
+    distances), so a layer gets the same centroids alone as in a batch."""
+    L, m, d = x.shape
+    layer = torch.arange(L, device=x.device)
+    first = torch.randint(m, (1,), generator=gen, device=x.device).expand(L)
+    centroids = torch.empty(L, k, d, dtype=x.dtype, device=x.device)
+    centroids[:, 0] = x[layer, first]
+    x_sq = x.pow(2).sum(-1)  # [L, m]
+
+    def sq_distance(j: int) -> torch.Tensor:  # [L, m] to centroid j: one read of x (a matvec)
+        c = centroids[:, j]
+        xc = torch.bmm(x, c[:, :, None])[..., 0]
+        return (x_sq - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+
+    closest = sq_distance(0)
+    uniforms = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
+    for j in range(1, k):
+        weights = closest.double()
+        total = weights.sum(-1, keepdim=True)
+        # all rows already centroids (duplicates): pick uniformly
+        weights = torch.where(total > 0, weights, torch.ones_like(weights))
+        cum = weights.cumsum(-1)
+        target = (uniforms[j] * cum[:, -1:]).contiguous()
+        pick = torch.searchsorted(cum, target).clamp_max_(m - 1)[:, 0]
+        centroids[:, j] = x[layer, pick]
+        closest = torch.minimum(closest, sq_distance(j))
+    return centroids
+
+
+def _fill_empty(x: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                dist: torch.Tensor) -> None:
+    """Empty clusters (counts 0) take the rows farthest from their centroids, per layer."""
+    for layer in torch.nonzero((counts == 0).any(-1)).flatten().tolist():
+        empty = torch.nonzero(counts[layer] == 0).flatten()
+        far = torch.topk(dist[layer], int(empty.numel())).indices
+        centroids[layer, empty] = x[layer, far]
+
+
+def _lloyd(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full Lloyd passes; a layer stops (its centroids frozen) when its inertia falls by less
+    than ``tol``, so each layer ends as it would alone. Returns centroids and steps per layer."""
+    L, n, d = x.shape
+    k = centroids.shape[1]
+    previous = torch.full((L,), math.inf, dtype=torch.float64, device=x.device)
+    active = torch.ones(L, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(L, dtype=torch.int64, device=x.device)
+    for _ in range(config.max_iter):
+        ids, dist = assign_chunked(x, centroids, memory_mb=config.memory_mb)
+        inertia = dist.double().sum(-1)
+        # converged on this assignment: keep the centroids it was computed from
+        active &= ~(torch.isfinite(previous) & ((previous - inertia) <= config.tol * previous))
+        if not bool(active.any()):
+            break
+        sums, counts = _cluster_sums(x, ids, k, torch.float64, config.memory_mb)
+        new = (sums / counts.clamp_min(1)[..., None]).float()
+        new = torch.where(counts[..., None] > 0, new, centroids)
+        _fill_empty(x, new, counts, dist)
+        centroids = torch.where(active[:, None, None], new, centroids)
+        steps += active.long()
+        previous = inertia
+    return centroids, steps
+
+
+def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batch steps (rows shared by the layers); a layer stops (frozen) after
+    ``max_no_improvement`` steps without a better smoothed batch inertia."""
+    L, n, d = x.shape
+    k = centroids.shape[1]
+    b = min(config.batch_size, n)
+    steps_per_epoch = math.ceil(n / b)
+    counts = torch.zeros(L, k, dtype=torch.float32, device=x.device)
+    best_ewa = torch.full((L,), math.inf, dtype=torch.float64, device=x.device)
+    ewa = None
+    stale = torch.zeros(L, dtype=torch.int64, device=x.device)
+    active = torch.ones(L, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(L, dtype=torch.int64, device=x.device)
+    alpha = min(1.0, 2.0 * b / (n + 1))
+    for _ in range(config.max_iter):
+        order = torch.randperm(n, generator=gen, device=x.device)
+        for s in range(steps_per_epoch):
+            rows = order[s * b:(s + 1) * b]
+            xb = x[:, rows]
+            ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False)
+            batch_inertia = dist.double().mean(-1)
+            sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
+            n_b *= active[:, None]
+            counts += n_b
+            # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
+            step = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
+            centroids = torch.where(active[:, None, None], centroids + step, centroids)
+            steps += active.long()
+            ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+            better = ewa < best_ewa * (1.0 - config.tol)
+            best_ewa = torch.where(better, ewa, best_ewa)
+            stale = torch.where(better, torch.zeros_like(stale), stale + 1)
+            if config.max_no_improvement:
+                active &= stale < config.max_no_improvement
+                if not bool(active.any()):
+                    return centroids, steps
+    return centroids, steps
+
+
+def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: int = 0,
+               device: torch.device | str | None = None) -> KMeansFit:
+    """Fit k-means to every layer of ``x`` ``[L, n, d]`` (or ``[n, d]``) with ``n_clusters``
+    clusters; ``device`` (default: x's) runs the torch backend there."""
+    config = config or KMeansConfig()
+    t, _ = _as_layered(x, name="k-means features")
+    L, n, _ = t.shape
+    if n_clusters < 1:
+        raise ValueError(f"k-means n_clusters must be >= 1, got {n_clusters}")
+    if n < n_clusters:
+        raise ValueError(f"k-means with {n_clusters} clusters needs at least {n_clusters} rows, "
+                         f"got {n}")
+    if not bool(torch.isfinite(t).all()):
+        bad = torch.nonzero(~torch.isfinite(t).flatten(1).all(1)).flatten().tolist()
+        raise ValueError(f"k-means features: non-finite values (NaN/inf) in layer(s) {bad}")
+    if config.backend == "sklearn":
+        return _sklearn_fit(t, n_clusters, config, seed)
+    t = t.to(device) if device is not None else t
+    best: torch.Tensor | None = None
+    best_inertia = torch.full((L,), math.inf, dtype=torch.float64, device=t.device)
+    best_steps = torch.zeros(L, dtype=torch.int64, device=t.device)
+    init_size = config.init_size or max(3 * config.batch_size, 3 * n_clusters)
+    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
+    for restart in range(config.n_init):
+        # one stream per restart: a restart's draws do not depend on how long the last one ran
+        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
+        rows = torch.randperm(n, generator=gen, device=t.device)[:init_size] \
+            if init_size < n else None
+        sample = t if rows is None else t[:, rows]
+        centroids = _kmeans_pp(sample, n_clusters, gen)
+        if lloyd:
+            centroids, steps = _lloyd(t, centroids, config)
+            inertia = assign_chunked(t, centroids, memory_mb=config.memory_mb)[1].double().sum(-1)
+        else:  # as scikit-learn: the seeding with the lowest inertia on its rows is run once
+            inertia = assign_chunked(sample, centroids,
+                                     memory_mb=config.memory_mb)[1].double().sum(-1)
+            steps = torch.zeros(L, dtype=torch.int64, device=t.device)
+        better = inertia < best_inertia
+        best = centroids if best is None else torch.where(better[:, None, None], centroids, best)
+        best_inertia = torch.where(better, inertia, best_inertia)
+        best_steps = torch.where(better, steps, best_steps)
+    assert best is not None
+    if not lloyd:
+        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
+        best, best_steps = _minibatch(t, best, config, gen)
+        best_inertia = assign_chunked(t, best, memory_mb=config.memory_mb)[1].double().sum(-1)
+    return KMeansFit(centroids=best, inertia=best_inertia.tolist(), n_steps=best_steps.tolist())
+
+
+def kmeans_predict(x, centroids: torch.Tensor, *, memory_mb: float = 256.0) -> torch.Tensor:
+    """Cluster ids of every row: x ``[L, n, d]`` (or ``[n, d]`` with centroids ``[k, d]``) →
+    ``[L, n]`` (or ``[n]``) int64, in chunks within ``memory_mb``."""
+    t, squeeze = _as_layered(x, name="k-means features")
+    c = centroids[None] if centroids.ndim == 2 else centroids
+    ids = assign_chunked(t.to(c.device), c, memory_mb=memory_mb)[0]
+    return ids[0] if squeeze else ids
+
+
+def _sklearn_fit(x: torch.Tensor, k: int, config: KMeansConfig, seed: int) -> KMeansFit:
+    from sklearn.cluster import MiniBatchKMeans
+
+    centroids, inertia, steps = [], [], []
+    for layer in x.cpu().numpy():
+        km = MiniBatchKMeans(n_clusters=k, init=config.init, max_iter=config.max_iter,
+                             batch_size=config.batch_size or layer.shape[0], tol=config.tol,
+                             max_no_improvement=config.max_no_improvement or None,
+                             n_init=config.n_init, reassignment_ratio=config.reassignment_ratio,
+                             random_state=seed, compute_labels=False, verbose=0)
+        km.fit(layer)
+        centroids.append(torch.from_numpy(km.cluster_centers_).float())
+        steps.append(int(km.n_steps_))
+        pred = km.predict(layer)
+        inertia.append(float(((layer - km.cluster_centers_[pred]) ** 2).sum(dtype=np.float64)))
+    return KMeansFit(centroids=torch.stack(centroids), inertia=inertia, n_steps=steps)

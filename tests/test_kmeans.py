@@ -1,0 +1,99 @@
+"""layerprobe.kmeans: blobs recovered, chunking and batching over layers change nothing, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from layerprobe.kmeans import KMeansConfig, assign_chunked, kmeans_fit, kmeans_predict
+
+
+def _blobs(n=900, d=6, k=5, seed=0, spread=0.1):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 5
+    labels = torch.randint(k, (n,), generator=g)
+    return centres[labels] + spread * torch.randn(n, d, generator=g), labels
+
+
+def _layers(n_layers=3, **kw):
+    xs, labels = zip(*(_blobs(seed=i, **kw) for i in range(n_layers)), strict=True)
+    return torch.stack(xs), torch.stack(labels)
+
+
+@pytest.mark.parametrize("batch_size", [0, 128])
+def test_recovers_well_separated_blobs(batch_size):
+    x, labels = _layers()
+    fit = kmeans_fit(x, 5, config=KMeansConfig(batch_size=batch_size, n_init=3), seed=0)
+    ids = kmeans_predict(x, fit.centroids)
+    assert fit.centroids.shape == (3, 5, 6) and ids.shape == (3, 900)
+    for layer in range(3):
+        assert adjusted_rand_score(labels[layer], ids[layer]) > 0.99
+        # inertia is that of the returned centroids on the fitted rows
+        d2 = torch.cdist(x[layer].double(), fit.centroids[layer].double()).pow(2).min(1).values
+        assert fit.inertia[layer] == pytest.approx(float(d2.sum()), rel=1e-4)
+
+
+def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing():
+    x, _ = _layers(n=700)
+    centroids = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(1)) * 3
+    whole, dist = assign_chunked(x, centroids, memory_mb=1024)
+    chunked, dist_chunked = assign_chunked(x, centroids, memory_mb=1e-3)  # a few rows a chunk
+    assert torch.equal(whole, chunked) and torch.equal(dist, dist_chunked)
+    exact = torch.cdist(x.double(), centroids.double()).argmin(-1)
+    assert torch.equal(whole, exact)
+    for batch_size in (0, 64):
+        config = KMeansConfig(batch_size=batch_size, n_init=2)
+        small = KMeansConfig(batch_size=batch_size, n_init=2, memory_mb=1e-3)
+        a = kmeans_fit(x, 8, config=config, seed=4)
+        b = kmeans_fit(x, 8, config=small, seed=4)
+        # the same assignments; cluster sums grouped by chunk: equal to float rounding
+        torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kmeans_predict(x, a.centroids), kmeans_predict(x, b.centroids))
+
+
+@pytest.mark.parametrize("batch_size", [0, 64])
+def test_batched_over_layers_equals_one_layer_at_a_time(batch_size):
+    x, _ = _layers(n=500, spread=1.5)  # overlapping blobs: layers converge at different steps
+    config = KMeansConfig(batch_size=batch_size, n_init=2)
+    batched = kmeans_fit(x, 7, config=config, seed=3)
+    for layer in range(3):
+        alone = kmeans_fit(x[layer], 7, config=config, seed=3)
+        torch.testing.assert_close(alone.centroids[0], batched.centroids[layer], rtol=1e-5,
+                                   atol=1e-5)
+        assert alone.n_steps[0] == batched.n_steps[layer]
+    assert len(set(batched.n_steps)) > 1  # the check above compared different stopping steps
+
+
+def test_seeded_and_deterministic_on_the_cpu():
+    x, _ = _layers(n=400, spread=2.0)
+    a = kmeans_fit(x, 6, seed=7)
+    b = kmeans_fit(x, 6, seed=7)
+    c = kmeans_fit(x, 6, seed=8)
+    assert torch.equal(a.centroids, b.centroids) and a.inertia == b.inertia
+    assert not torch.equal(a.centroids, c.centroids)
+
+
+def test_empty_clusters_are_refilled_and_duplicates_handled():
+    x = torch.cat([torch.zeros(50, 2), torch.ones(50, 2)])  # 2 distinct points, 3 clusters
+    fit = kmeans_fit(x, 3, config=KMeansConfig(batch_size=0), seed=0)
+    assert torch.isfinite(fit.centroids).all()
+    ids = kmeans_predict(x, fit.centroids[0])
+    assert ids.shape == (100,) and len(set(ids.tolist())) >= 2
+
+
+def test_sklearn_backend_and_errors():
+    x, labels = _blobs(n=300)
+    fit = kmeans_fit(x, 5, config=KMeansConfig(backend="sklearn", n_init=2), seed=0)
+    assert adjusted_rand_score(labels, kmeans_predict(x, fit.centroids[0])) > 0.99
+    with pytest.raises(ValueError, match="at least 400 rows"):
+        kmeans_fit(x, 400)
+    bad = torch.stack([x, x])
+    bad[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\]"):
+        kmeans_fit(bad, 2)
+    with pytest.raises(ValueError, match="backend"):
+        KMeansConfig(backend="faiss")
+    with pytest.raises(ValueError, match=r"\[L, n, d\]"):
+        kmeans_fit(np.zeros(5), 1)
