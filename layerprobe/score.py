@@ -461,20 +461,34 @@ def _mi_result(state: _ProbeState, config: AnalysisConfig, device: torch.device,
 
 
 def summary_table(results: Sequence[Result]) -> str:
-    """A per-layer table: one row per layer, one column per (label, probe, metric)."""
+    """A per-layer table: one row per layer, one column per (label, probe, metric); scores with
+    a spread print as ``score±std``, and each best layer names the layers within that spread."""
     if not results:
         return "(no results)"
     columns = [f"{r.label}:{r.probe}/{r.metric}" for r in results]
     n_layers = max(len(r.layers) for r in results)
-    width = max(10, *(len(c) for c in columns))
+    width = max(14 if any(r.std for r in results) else 10, *(len(c) for c in columns))
+
+    def cell(r: Result, i: int) -> str:
+        if i >= len(r.scores):
+            return ""
+        return f"{r.scores[i]:.4f}" + (f"±{r.std[i]:.4f}" if r.std is not None else "")
+
     lines = ["layer  " + "  ".join(c.rjust(width) for c in columns)]
     for i in range(n_layers):
-        cells = [
-            f"{r.scores[i]:.4f}".rjust(width) if i < len(r.scores) else "".rjust(width)
-            for r in results
-        ]
-        lines.append(f"{i:>5}  " + "  ".join(cells))
-    best = [f"{r.label}:{r.probe}/{r.metric}: best layer {int(np.argmax(r.scores))}"
-            for r in results]
-    lines.append("; ".join(best))
+        lines.append(f"{i:>5}  " + "  ".join(cell(r, i).rjust(width) for r in results))
+    lines.append("; ".join(f"{r.label}:{r.probe}/{r.metric}: {_best_layer(r)}" for r in results))
+    if any(r.std is not None for r in results):
+        lines.append("(±: std over seeds; layers closer than their spread cannot be ordered)")
     return "\n".join(lines)
+
+
+def _best_layer(r: Result) -> str:
+    """``best layer i``, and the layers whose score is within the spread of the difference."""
+    best = int(np.argmax(r.scores))
+    if r.std is None:
+        return f"best layer {r.layers[best]}"
+    close = [r.layers[i] for i in range(len(r.scores)) if i != best
+             and r.scores[best] - r.scores[i] <= (r.std[best] ** 2 + r.std[i] ** 2) ** 0.5]
+    tied = f" (within spread: {', '.join(map(str, close))})" if close else ""
+    return f"best layer {r.layers[best]}{tied}"

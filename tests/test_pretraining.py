@@ -348,7 +348,8 @@ def test_pretraining_checkpoint_round_trips_into_score(corpus, tmp_path):
 
     stage = json.loads((run / "it2" / "label_stage.json").read_text())
     assert stage["seconds"] > 0 and stage["utterances"] == 12 and stage["skipped"] == []
-    results = score_model(run / "it2" / "ckpt.pt", corpus, AnalysisConfig(probes=("fbank",)),
+    results = score_model(run / "it2" / "ckpt.pt", corpus,
+                          AnalysisConfig(probes=("fbank",), metrics=cfg.profile.metrics),
                           label="it2", progress=False)
     assert len(results) == 1 and results[0].layers == [0, 1, 2]
     assert all(math.isfinite(s) for s in results[0].scores)

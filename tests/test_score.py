@@ -156,7 +156,7 @@ def test_cli_keeps_what_it_could_score_and_says_what_it_could_not(model_specs, t
                  "--max-utterances", "3", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "/native: probe 'word'" in err and "items" in err  # names the model
+    assert "native: probe 'word'" in err and "items" in err  # names the model
     assert {r.probe for r in load_results(out)} == {"fbank"}
 
 
@@ -248,7 +248,7 @@ def test_mi_cluster_counts_from_the_data_and_a_warning_for_every_biased_probe(mo
 
 
 def test_summary_table_names_the_model_of_every_best_layer(native_results):
-    line = summary_table(native_results).splitlines()[-1]
+    line = next(x for x in summary_table(native_results).splitlines() if "best layer" in x)
     assert all(f"{r.label}:{r.probe}/{r.metric}: best layer" in line for r in native_results)
 
 
@@ -264,7 +264,7 @@ def test_cli_scores_many_checkpoints_into_one_file(model_specs, tmp_path, capsys
                  "--max-utterances", "40", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     results = load_results(out)
-    assert [r.label for r in results] == ["it1/ckpt", "it2/ckpt"]
+    assert [r.label for r in results] == ["it1", "it2"]  # the shortest telling path endings
     assert results[0].scores == results[1].scores  # same weights, same items
     assert main(["score", model_specs["native"], model_specs["hf"], "--label", "x",
                  "--no-progress"]) == 1

@@ -111,3 +111,16 @@ def test_autoencoder_index_reports_its_spread_over_split_seeds():
     assert row["word_drop_std"] == pytest.approx(np.std(drops, ddof=1))
     assert row["fbank_rise_std"] is None  # no per-seed curves: no spread claimed
     assert "±" in format_index([row])
+
+
+def test_summary_table_prints_the_spread_and_the_layers_it_cannot_order():
+    from layerprobe.results import Result
+    from layerprobe.score import summary_table
+
+    r = Result(model="m", label="a", corpus="c", probe="word", metric="pwcca", layers=[0, 1, 2],
+               scores=[0.50, 0.70, 0.69], std=[0.01, 0.01, 0.01])
+    table = summary_table([r])
+    assert "0.7000±0.0100" in table
+    assert "a:word/pwcca: best layer 1 (within spread: 2)" in table
+    plain = summary_table([Result(**{**r.to_dict(), "std": None})])
+    assert "±" not in plain and "best layer 1" in plain and "within" not in plain
