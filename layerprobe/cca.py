@@ -187,7 +187,13 @@ class _Factors:
     enter every canonical direction. It is projected out of Sxx, Sxy and Syy, so its eigenvalue
     is exactly eps and its cross-covariance exactly 0: the exact-arithmetic limit of the fit."""
 
-    def __init__(self, train: CentredStats):
+    def __init__(self, train: CentredStats, null_x: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 null_y: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``null_x`` ``(basis [L, dx, r], count [L])`` / ``null_y`` ``(basis [dy, r], count)``:
+        null directions found once on all items (a direction constant on every item is constant
+        on the fit set: the LayerNorm hyperplane), used when no dimension is pruned; else each
+        kept block's own are found."""
+        self._null_x, self._null_y = null_x, null_y
         n = train.n
         cxx, cxy, cyy = train.cxx / (n - 1), train.cxy / (n - 1), train.cyy / (n - 1)
         xmax = cxx.abs().amax(dim=(-2, -1))
@@ -219,7 +225,11 @@ class _Factors:
             sub = self.sxx.index_select(0, idx)
             if not bool(mask_x.all()):
                 sub = sub[:, mask_x][:, :, mask_x]
-            basis, count = null_basis(sub)
+            if self._null_x is not None and bool(mask_x.all()):
+                basis, count = (t.index_select(0, idx) for t in self._null_x)
+                basis = basis[:, :, :int(count.max())] if basis.shape[-1] else basis
+            else:
+                basis, count = null_basis(sub)
             if basis.shape[-1]:
                 sub = _remove(_remove(sub, basis).mT, basis)
                 sub = 0.5 * (sub + sub.mT)
@@ -232,8 +242,11 @@ class _Factors:
         key = self._key(mask_y)
         if key not in self._y:
             sub = self.syy[mask_y][:, mask_y]
-            basis, count = null_basis(sub[None])
-            basis, count = basis[0], int(count[0])
+            if self._null_y is not None and bool(mask_y.all()):
+                basis, count = self._null_y[0], int(self._null_y[1])
+            else:
+                basis, count = null_basis(sub[None])
+                basis, count = basis[0], int(count[0])
             if basis.shape[-1]:
                 sub = _remove(_remove(sub, basis).T, basis)
                 sub = 0.5 * (sub + sub.T)
@@ -620,10 +633,10 @@ def _stats_to(stats: CentredStats, device) -> CentredStats:
 
 
 def _run_trial(train: CentredStats, dev: CentredStats, test: CentredStats,
-               pairs, metric: str, n_pairs: int) -> list[dict]:
+               pairs, metric: str, n_pairs: int, nulls: tuple | None = None) -> list[dict]:
     """Fit the eps pairs on train, choose on dev, score on test; one record per layer."""
     L = train.n_layers
-    factors = _Factors(train)
+    factors = _Factors(train, *(nulls or (None, None)))
     n_ok = [0] * L
     tried: list[list] = [[] for _ in range(L)]
     failed: list[list] = [[] for _ in range(L)]
@@ -748,10 +761,11 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
     on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
     runs = []
     with _cpu_threads(1 if on_cpu else None):
+        nulls = _null_directions(moments, device) if metric not in ("cka", "svcca") else None
         for index in range(n_seeds):
             groups = shard_groups(moments.n_splits, n_splits, index, seed)
             runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
-                                  device, n_pairs))
+                                  device, n_pairs, nulls))
     for run in runs:
         run.details["items_per_dimension"] = round(per_dim, 3)
     if n_seeds == 1:
@@ -770,8 +784,17 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
                      std=per_seed.std(0, ddof=1).tolist())
 
 
+def _null_directions(moments: Moments, device) -> tuple | None:
+    """Null directions of every layer's and of the targets' covariance over all items, found once
+    for every trial and seed (a direction constant on all items is constant on any fit set)."""
+    if sum(moments.counts) < 2:
+        return None
+    total = _stats_to(moments.centred(range(moments.n_splits)), device)
+    return null_basis(total.cxx), tuple(t[0] for t in null_basis(total.cyy[None]))
+
+
 def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, seed, metric,
-              device, n_pairs) -> CCAResult:
+              device, n_pairs, nulls: tuple | None = None) -> CCAResult:
     S, L = len(groups), moments.n_layers
     if n_trials < 1 or 2 * n_trials > S:
         raise ValueError(f"cca_score_moments: n_trials={n_trials} needs at least {2 * n_trials} "
@@ -808,7 +831,11 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
             if metric == "svcca":
                 recs = _svcca_trial(train, dev, test, pairs, n_pairs)
             else:
-                recs = _run_trial(train, dev, test, pairs, metric, n_pairs)
+                sub = None
+                if nulls is not None:
+                    idx = torch.as_tensor(todo, device=nulls[0][0].device)
+                    sub = (tuple(t.index_select(0, idx) for t in nulls[0]), nulls[1])
+                recs = _run_trial(train, dev, test, pairs, metric, n_pairs, sub)
         for layer, rec in zip(todo, recs, strict=True):
             rec = {"dev": dev_s, "test": test_s, **rec}
             (trials if rec.pop("ok") else skipped)[layer].append(rec)
