@@ -62,13 +62,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from layerprobe.registry import CCA_METRICS
 from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
 
 __all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
            "cca_score_moments", "pwcca", "cca_similarity", "null_basis", "shard_groups"]
 
 EPS_GRID: tuple[float, ...] = (1e-10, 1e-11, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
-METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
+METRICS: tuple[str, ...] = CCA_METRICS  # the names live in layerprobe.registry
 N_PAIRS = 6  # eps pairs kept per trial (the first that work)
 RCOND = 1e-15  # numpy.linalg.pinv's default cut-off
 DEAD_TOL = 1e-11  # variate variance / (|direction|^2 max|C|) at or below which rho := 0

@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from layerprobe.atomic import atomic_write  # noqa: E402
 from layerprobe.labels import unique_labels  # noqa: E402
+from layerprobe.registry import ALL_PROBES  # noqa: E402
 from layerprobe.results import Result, load_results  # noqa: E402
 
-PROBE_ORDER = ("fbank", "phone", "word", "word-embedding")
+PROBE_ORDER = ALL_PROBES  # panels in this order (layerprobe.registry)
 METRIC_NAMES = {
     "pwcca": "PWCCA",
     "pwcca-centred": "PWCCA (centred)",

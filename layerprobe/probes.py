@@ -35,9 +35,8 @@ import torchaudio
 from layerprobe.cca import assign_splits
 from layerprobe.corpus import Corpus, Segment
 from layerprobe.phones import ARPABET39
+from layerprobe.registry import OPTIONAL_PROBES, PROBES  # the names live in the registry
 
-PROBES = ("fbank", "phone", "word")
-OPTIONAL_PROBES = ("word-embedding",)  # needs ProbeConfig.word_embeddings
 FBANK_DIM = 80
 FBANK_RATE = 100.0  # frames per second
 _EPS = 1e-6  # frame-boundary tolerance: 0.34 s × 50 Hz must give 17, not 17.000000000000004
