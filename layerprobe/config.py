@@ -52,6 +52,10 @@ class AnalysisConfig:
                              f"got {self.phone_clusters}, {self.word_clusters}")
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
+        if self.n_seeds > 1 and self.probe_config.shards_per_split < 2:
+            raise ValueError(f"n_seeds = {self.n_seeds} re-deals shards into splits: it needs "
+                             f"[probes] shards_per_split >= 2 (got "
+                             f"{self.probe_config.shards_per_split}), or n_seeds = 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

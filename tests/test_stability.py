@@ -124,3 +124,11 @@ def test_summary_table_prints_the_spread_and_the_layers_it_cannot_order():
     assert "a:word/pwcca: best layer 1 (within spread: 2)" in table
     plain = summary_table([Result(**{**r.to_dict(), "std": None})])
     assert "±" not in plain and "best layer 1" in plain and "within" not in plain
+
+
+def test_seeds_without_shards_are_refused_with_a_clear_message():
+    from layerprobe.config import AnalysisConfig
+
+    with pytest.raises(ValueError, match="shards_per_split >= 2"):
+        AnalysisConfig().replace(shards_per_split=1)
+    assert AnalysisConfig(n_seeds=1).replace(shards_per_split=1).n_seeds == 1
