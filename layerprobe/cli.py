@@ -137,10 +137,29 @@ def _label_for_file(model: str, append_to: Path | None) -> str:
     return unique_labels([*others, str(model)])[-1]
 
 
-def cmd_score(args: argparse.Namespace) -> int:
+def _score_all(args: argparse.Namespace, config, labels: list[str]):
+    """Score ``args.models`` (alone, or as one rank under torchrun); ``(None, failures)`` on
+    ranks other than 0, else the results and what could not be scored."""
     from layerprobe.distributed import destroy_distributed, init_distributed
+    from layerprobe.score import score_models
+
+    dist_info, _ = init_distributed(config.device)
+    try:
+        with _collect_failures() as failures:
+            results = score_models(args.models, None, config, labels=labels,
+                                   progress=not args.no_progress, skip_failed=True)
+    finally:
+        destroy_distributed(dist_info)
+    if not dist_info.main:
+        return None, failures
+    if not results:
+        raise ValueError("nothing could be scored: " + "; ".join(failures))
+    return results, failures
+
+
+def cmd_score(args: argparse.Namespace) -> int:
     from layerprobe.labels import unique_labels
-    from layerprobe.score import score_models, summary_table
+    from layerprobe.score import summary_table
 
     config = _config_from_args(args)
     if args.label and len(args.models) > 1:
@@ -159,17 +178,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     name = labels[0] if len(labels) == 1 else f"{labels[0]}_and_{len(labels) - 1}_more"
     out = args.out or Path("results") / f"{_safe_name(name)}.json"
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.plot])
-    dist_info, _ = init_distributed(config.device)
-    try:
-        with _collect_failures() as failures:
-            results = score_models(args.models, None, config, labels=labels,
-                                   progress=not args.no_progress, skip_failed=True)
-    finally:
-        destroy_distributed(dist_info)
-    if not dist_info.main:
+    results, failures = _score_all(args, config, labels)
+    if results is None:
         return 0  # rank 0 writes the results
-    if not results:
-        raise ValueError("nothing could be scored: " + "; ".join(failures))
     print(summary_table(results))
     write_results(results, out, append=args.append, csv=args.csv)
     if args.plot:
@@ -195,26 +206,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from layerprobe.distributed import destroy_distributed, init_distributed
     from layerprobe.labels import unique_labels
     from layerprobe.plots import plot_layerwise
-    from layerprobe.score import score_models, summary_table
+    from layerprobe.score import summary_table
 
     labels = args.labels.split(",") if args.labels else unique_labels(args.models)
     config = _config_from_args(args)
     out = args.out or Path(args.output).with_suffix(".json")
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.output])
-    dist_info, _ = init_distributed(config.device)
-    try:
-        with _collect_failures() as failures:
-            results = score_models(args.models, None, config, labels=labels,
-                                   progress=not args.no_progress, skip_failed=True)
-    finally:
-        destroy_distributed(dist_info)
-    if not dist_info.main:
+    results, failures = _score_all(args, config, labels)
+    if results is None:
         return 0  # rank 0 writes the results
-    if not results:
-        raise ValueError("nothing could be scored: " + "; ".join(failures))
     print(summary_table(results))
     write_results(results, out, append=args.append, csv=args.csv)
     print(f"wrote {plot_layerwise(results, args.output, title=args.title)}")
