@@ -27,11 +27,22 @@ Scoring a fit on a set (its own centred data, its own means): per direction
 quirk), ``A`` = its first k (= all kept) raw dimensions, ``w_i = sum_j |<q_i, a_j>|`` with Q from
 the QR of D^T. From moments: ``Q^T A^T = L^-1 (D A^T)`` with ``L L^T = D D^T`` (k x k Cholesky).
 
-Deliberate, documented departures from the reference (see method.md):
+Deliberate, documented departures from the reference (see method.md and README, "Rounding-stable
+fits"); each is the exact-arithmetic limit of the reference's fit, which rounding made noisy:
 
+* Null directions: directions whose Rayleigh quotient in a view's scaled covariance is at most
+  ``NULL_TOL`` of its largest entry (e.g. the normal of the hyperplane every LayerNorm output lies
+  on) carry no cross-covariance in exact arithmetic; their float32 rounding noise, whitened by
+  1/sqrt(eps), entered every canonical direction. They are found once per probe on all items
+  (:func:`null_basis`), projected out of Sxx, Sxy, Syy and of the projections, and canonical
+  pairs beyond the rank they leave are zero rows (structural zero correlations).
 * Sign convention: each canonical pair is flipped so that the largest-|.| entry of its X-view
-  direction (a row of ``proj_x``, in kept-dimension coordinates) is positive. The reference's
-  signs come from LAPACK and change its PWCCA (the means quirk makes weights sign-dependent).
+  loadings (train covariance of each kept dimension with the variate, ``proj_x @ Sxx``) is
+  positive; loadings do not see null directions. The reference's signs come from LAPACK and
+  change its PWCCA (the means quirk makes weights sign-dependent).
+* Split seeds: the moments' slots may be shards; splits are unions of shards
+  (:func:`shard_groups`), and ``n_seeds`` protocol runs on re-dealt shards give each score's
+  spread (``std``).
 * Dead directions: a canonical variate ``p_i = P_i (x - mean)`` whose variance on the scored set
   is at the rounding level of that set's covariance, ``P_i C P_i^T <= DEAD_TOL |P_i|^2 max|C|``
   (C: the set's centred cross-products of the kept dimensions; 0/0, e.g. the sum of centred
