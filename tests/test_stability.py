@@ -132,3 +132,32 @@ def test_seeds_without_shards_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="shards_per_split >= 2"):
         AnalysisConfig().replace(shards_per_split=1)
     assert AnalysisConfig(n_seeds=1).replace(shards_per_split=1).n_seeds == 1
+
+
+def test_weight_noise_moves_pipeline_scores_by_less_than_its_bound():
+    """3e-8 relative noise on a random post-LN HuBERT's weights moves its features by ~1e-7..1e-6
+    (through the conv front end); the scores of every CCA metric must move by <= 1e-4."""
+    from layerprobe.config import AnalysisConfig
+    from layerprobe.models.huggingface import HuggingFaceLayerModel
+    from layerprobe.score import score_model
+    from tests.model_fixtures import tiny_hf_model
+
+    config = AnalysisConfig(probes=("fbank", "phone"), metrics=METRICS, max_utterances=30,
+                            n_seeds=1, device="cpu")
+
+    def scores(noise: float) -> dict:
+        model = tiny_hf_model("hubert", seed=3, conv_bias=True)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + noise * torch.randn(p.shape, generator=g))
+        layer_model = HuggingFaceLayerModel(model.eval(), name="tiny")
+        return {(r.probe, r.metric): np.array(r.scores)
+                for r in score_model(layer_model, None, config, progress=False)}
+
+    base, moved = scores(0.0), scores(3e-8)
+    assert base.keys() == moved.keys() and len(base) == 2 * len(METRICS)
+    deltas = {key: np.abs(moved[key] - base[key]).max() for key in base}
+    assert max(deltas.values()) > 0  # the noise reached the scores
+    for key, delta in deltas.items():
+        assert delta <= 1e-4, (key, delta)
