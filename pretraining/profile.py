@@ -17,6 +17,7 @@ difference between checkpoints smaller than that is not a finding.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,7 @@ def _seed_std(index: Callable[[Sequence[float]], float | None], r: Result) -> fl
     values = [index(curve) for curve in per_seed]
     if len(values) < 2 or any(v is None for v in values):
         return None
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return statistics.stdev(values)
 
 
 def autoencoder_index(results: Sequence[Result]) -> list[dict[str, Any]]:
