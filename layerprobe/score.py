@@ -25,6 +25,7 @@ from layerprobe.config import AnalysisConfig
 from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
 from layerprobe.distributed import Dist, init_distributed, resolve_device
 from layerprobe.extract import iter_hidden_states
+from layerprobe.labels import unique_labels
 from layerprobe.mi import mi_score
 from layerprobe.models import LayerModel, load
 from layerprobe.probes import Probe, UtteranceTargets, build_probes, pool_spans
@@ -113,16 +114,6 @@ def resolve_corpus(corpus: Corpus | str | Path | None, config: AnalysisConfig) -
                        seed=config.seed)
 
 
-def model_label(spec: str | Path | LayerModel) -> str:
-    """A short name for a model: the run/iteration folder for checkpoints, else the spec."""
-    if isinstance(spec, LayerModel):
-        return spec.name
-    path = Path(spec)
-    if path.suffix == ".pt":
-        return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
-    return str(spec)
-
-
 def score_model(
     model: LayerModel | str | Path,
     corpus: Corpus | str | Path | None = None,
@@ -170,6 +161,8 @@ def score_models(
         raise ValueError("score_models: no models given")
     if labels is not None and len(labels) != len(models):
         raise ValueError(f"{len(labels)} labels for {len(models)} models")
+    if labels is None:  # the CLI's default too: the shortest path endings that tell them apart
+        labels = unique_labels([m.name if isinstance(m, LayerModel) else str(m) for m in models])
     if dist_info is None:
         dist_info, device = init_distributed(config.device)
     else:  # e.g. Dist() on rank 0 of a training job: score in this process alone
@@ -184,7 +177,7 @@ def score_models(
         sharded = i >= whole
         per_model[i] = _score_one(
             models[i], plan, config, device, dist_info if sharded else Dist(),
-            label=labels[i] if labels is not None else None,
+            label=labels[i],
             progress=progress and dist_info.main, skip_failed=skip_failed,
             keep_audio=i + 1 < n)
     if world > 1 and whole:
@@ -242,7 +235,7 @@ def _targets(plan: _Plan, index: int, wave: torch.Tensor, n_frames: int, frame_r
 
 
 def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config: AnalysisConfig,
-               device: torch.device, dist_info: Dist, *, label: str | None, progress: bool,
+               device: torch.device, dist_info: Dist, *, label: str, progress: bool,
                skip_failed: bool, keep_audio: bool) -> list[Result]:
     started = time.time()
     model, model_spec = _load_model(model_spec_or_model, device, config)
@@ -286,7 +279,6 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     stream = iter_hidden_states(model, waveforms(), batch_seconds=config.batch_seconds,
                                 max_chunk_seconds=config.max_chunk_seconds,
                                 dtype=torch.bfloat16 if config.bf16 else None)
-    label = label or model_label(model_spec)
     bar = tqdm(stream, total=len(mine), desc=f"scoring {label}", unit="utt",
                disable=not progress)
     n_utterances = 0
