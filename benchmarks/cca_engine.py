@@ -97,6 +97,25 @@ def per_layer_trial(x, y, split, dev, test, pairs):
 # --------------------------------------------------------------- main
 
 
+def profile_fits(mom: Moments, device: str) -> None:
+    """torch.profiler tables of one run of the protocol fits: by device time and by host time,
+    and the number of host syncs (``aten::_local_scalar_dense``, ``aten::item``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        cca_score_moments(mom, metric="pwcca", device=device)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    syncs = sum(e.count for e in events if e.key in ("aten::_local_scalar_dense", "aten::item"))
+    print(f"\n--- protocol fits under torch.profiler: {syncs} host syncs ---")
+    if cuda:
+        print(events.table(sort_by="self_device_time_total", row_limit=20))
+    print(events.table(sort_by="cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=13)
@@ -108,6 +127,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--array", action="store_true",
                     help="also time the array entry point cca_score on a float64 [L, n, dx] array")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler tables of the protocol fits (after the timed run)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for the whole run (default: torch's)")
     a = ap.parse_args()
@@ -157,6 +178,16 @@ def main() -> None:
           f"{sum(t.numel() * t.element_size() for t in (mom.xx, mom.xy, mom.yy)) / 1e9:.2f} GB; "
           f"peak RSS {peak_rss_gb():.2f} GB (before: {rss0:.2f} GB)")
     print(f"engine scores: {np.round(res.scores, 4).tolist()}")
+    if dev.type == "cuda":  # the first call also starts cuSOLVER/cuBLAS: time the fits again
+        t = time.perf_counter()
+        cca_score_moments(mom, metric="pwcca", device=a.device)
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - t
+        print(f"protocol fits again (warm, the libraries started): {warm:.2f} s = "
+              f"{warm / (t1 - t0):.2f} x accumulate; engine / Gram floor, warm fits: "
+              f"{(t1 - t0 + warm) / floor:.2f}")
+    if a.profile:
+        profile_fits(mom, a.device)
     if a.array:
         x64, y64 = x.double(), y.double()
         t = time.perf_counter()

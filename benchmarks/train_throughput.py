@@ -142,7 +142,7 @@ def profile_steps(preset: str, *, batch: int, seconds: float, device: torch.devi
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for kind in kinds:
         step = make_step(preset, kind, batch=batch, seconds=seconds, device=device, bf16=bf16)
         step()
@@ -209,6 +209,11 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                         help="also time the compiled new step (auto: on CUDA only)")
     parser.add_argument("--skip-old", action="store_true", help="time the new step only")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 then fp32 on CUDA, fp32 on the CPU")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CUDA memory fit")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True (autotuned convolutions)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables instead")
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--label-stage", type=float, default=0.0, metavar="SECONDS",
@@ -216,12 +221,14 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=6)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     from layerprobe.models import resolve_device
 
     device = resolve_device(a.device)
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {a.threads} threads"
-    print(f"torch {torch.__version__}, {where}; {a.preset}, batch {a.batch} x {a.seconds:g} s")
+    print(f"torch {torch.__version__}, {where}; {a.preset}, batch {a.batch} x {a.seconds:g} s"
+          + ("; cudnn.benchmark" if a.cudnn_benchmark else ""))
     if a.label_stage:
         label_stage(a.preset, a.label_stage, device, a.layer)
         return
@@ -230,7 +237,8 @@ def main() -> None:
                       rows=a.rows, kinds=("new",) if a.skip_old else ("old", "new"))
         return
     peak = a.peak_tflops if cuda else None
-    precisions = (True, False) if cuda else (False,)
+    precisions = {"auto": (True, False) if cuda else (False,), "bf16": (True,),
+                  "fp32": (False,)}[a.precision]
     with_compile = a.compile == "yes" or (a.compile == "auto" and cuda)
     for bf16 in precisions:
         tag = "bf16" if bf16 else "fp32"
@@ -261,7 +269,7 @@ def main() -> None:
             print(f"compile + first step: {comp['first_step_s']:.1f} s "
                   f"(eager first step {new['first_step_s']:.1f} s); ratio compiled / eager: "
                   f"{comp['audio_per_s'] / new['audio_per_s']:.2f}")
-    if cuda:
+    if cuda and not a.no_memory:
         memory_fit(a.preset, a.seconds, device, bf16=True)
     else:
         print("no CUDA device: MFU, bf16, compiled (unless --compile yes) and memory not measured")

@@ -142,6 +142,23 @@ def _inv_sqrt_diag(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     return d, bad
 
 
+def _thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin ``(U, V^T)`` of ``m`` [g, a, b]: a QR of the tall side, then the SVD of its square
+    factor (torch's batched CPU SVD is slow for tall m). Computed by LAPACK on the host whatever
+    the device: on CUDA, torch's batched Jacobi SVD took 30 ms a call and the QR 3 ms (most of
+    the fits' device time on an H200), and both devices then use the same algorithm."""
+    host = m.cpu()
+    if host.shape[-2] >= host.shape[-1]:
+        q, r = torch.linalg.qr(host)
+        ur, _, vh = torch.linalg.svd(r)
+        u = q @ ur
+    else:
+        q, r = torch.linalg.qr(host.mT)
+        u, _, vhr = torch.linalg.svd(r.mT)
+        vh = vhr @ q.mT
+    return u.to(m.device), vh.to(m.device)
+
+
 def null_basis(s: torch.Tensor, *, tol: float = NULL_TOL, iterations: int = 3,
                block: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal bases of the numerical null spaces of symmetric PSD matrices ``s [g, d, d]``.
@@ -217,8 +234,9 @@ class _Factors:
         self.sxx = cxx / sx[:, None, None]
         self.syy = cyy / sy
         self.sxy = cxy / torch.sqrt(sx * sy)[:, None, None]
-        self.diag_x = torch.diagonal(self.sxx, dim1=-2, dim2=-1).abs()  # [L, dx]
-        self.diag_y = torch.diagonal(self.syy).abs()  # [dy]
+        # kept-dimension masks are decided on the host: no device sync per eps pair
+        self.diag_x = torch.diagonal(self.sxx, dim1=-2, dim2=-1).abs().cpu()  # [L, dx]
+        self.diag_y = torch.diagonal(self.syy).abs().cpu()  # [dy]
         self._x: dict = {}
         self._y: dict = {}
         self._xy: dict = {}
@@ -236,7 +254,8 @@ class _Factors:
             idx = torch.as_tensor(layers, device=self.sxx.device)
             sub = self.sxx.index_select(0, idx)
             if not bool(mask_x.all()):
-                sub = sub[:, mask_x][:, :, mask_x]
+                keep = mask_x.to(sub.device)
+                sub = sub[:, keep][:, :, keep]
             if self._null_x is not None and bool(mask_x.all()):
                 basis, count = (t.index_select(0, idx) for t in self._null_x)
                 basis = basis[:, :, :int(count.max())] if basis.shape[-1] else basis
@@ -253,7 +272,8 @@ class _Factors:
         eps)."""
         key = self._key(mask_y)
         if key not in self._y:
-            sub = self.syy[mask_y][:, mask_y]
+            keep = mask_y.to(self.syy.device)
+            sub = self.syy[keep][:, keep]
             if self._null_y is not None and bool(mask_y.all()):
                 basis, count = self._null_y[0], int(self._null_y[1])
             else:
@@ -271,9 +291,9 @@ class _Factors:
         if key not in self._xy:
             sxy = self.sxy.index_select(0, torch.as_tensor(layers, device=self.sxy.device))
             if not bool(mask_x.all()):
-                sxy = sxy[:, mask_x]
+                sxy = sxy[:, mask_x.to(sxy.device)]
             if not bool(mask_y.all()):
-                sxy = sxy[:, :, mask_y]
+                sxy = sxy[:, :, mask_y.to(sxy.device)]
             _, bx, _ = self._x_block(layers, mask_x)
             _, by, _, _ = self._y_block(mask_y)
             self._xy[key] = _remove(_remove(sxy.mT, bx).mT, by)
@@ -310,7 +330,7 @@ class _Factors:
         """Projections for one eps pair, grouped by identical kept-dimension masks."""
         mask_y = self.diag_y >= eps_y
         layers = list(layers)
-        masks = self.diag_x[torch.as_tensor(layers, device=self.diag_x.device)] >= eps_x
+        masks = self.diag_x[torch.as_tensor(layers)] >= eps_x
         uniq, inverse = torch.unique(masks, dim=0, return_inverse=True)
         fits = []
         for u in range(uniq.shape[0]):
@@ -335,15 +355,7 @@ class _Factors:
         bad = bad_x | bool(bad_y) | self.bad_scale.index_select(0, idx) \
             | ~torch.isfinite(m).flatten(1).all(dim=1)
         m = torch.where(bad[:, None, None], torch.zeros_like(m), m)
-        # thin SVD through a QR of the tall side (torch's batched CPU SVD is slow for tall m)
-        if kx >= ky:
-            q, r = torch.linalg.qr(m)
-            ur, _, vh = torch.linalg.svd(r)
-            u = q @ ur  # [g, kx, k]
-        else:
-            q, r = torch.linalg.qr(m.mT)
-            u, _, vhr = torch.linalg.svd(r.mT)
-            vh = vhr @ q.mT  # [g, k, ky]
+        u, vh = _thin_svd(m)  # [g, kx, k], [g, k, ky]
         if white[0] == "chol":
             proj_x = torch.linalg.solve_triangular(white[1].mT, u, upper=True).mT  # U^T L^-1
         else:
@@ -369,10 +381,11 @@ class _Factors:
         bad = bad | ~(torch.isfinite(proj_x).flatten(1).all(1) & torch.isfinite(proj_y).flatten(1)
                       .all(1))
         reason = []
+        bad_scale, bad_list = self.bad_scale.tolist(), bad.tolist()
         for j in range(g):
-            if bool(self.bad_scale[layers[j]]):
+            if bad_scale[layers[j]]:
                 reason.append("constant or non-finite layer")
-            elif bool(bad[j]):
+            elif bad_list[j]:
                 reason.append("negative or non-finite eigenvalue in the pseudo-inverse")
             else:
                 reason.append("")
@@ -428,8 +441,8 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
         z = torch.zeros(g, dtype=fit.proj_x.dtype, device=dev)
         return _Scored(z, torch.zeros(g, dtype=torch.long, device=dev), fit.ok.clone(), z[:, None])
     idx = torch.as_tensor(fit.layers, device=dev)
-    mx, my = fit.mask_x, fit.mask_y
-    allx, ally = bool(mx.all()), bool(my.all())
+    mx, my = fit.mask_x.to(dev), fit.mask_y.to(dev)
+    allx, ally = bool(fit.mask_x.all()), bool(fit.mask_y.all())  # host masks: no sync
     all_layers = fit.layers == list(range(data.n_layers))
     cxx = data.cxx if all_layers else data.cxx.index_select(0, idx)  # no 13 x dx^2 copy
     cxy = data.cxy if all_layers else data.cxy.index_select(0, idx)
@@ -659,11 +672,12 @@ def _run_trial(train: CentredStats, dev: CentredStats, test: CentredStats,
             break
         for f in factors.fit(ex, ey, active):
             sc = _score(f, dev, metric)
+            oks, values = sc.ok.tolist(), sc.score.tolist()  # one host sync per fit
             for j, layer in enumerate(f.layers):
-                if not bool(sc.ok[j]):
+                if not oks[j]:
                     failed[layer].append([ex, ey, f.reason[j] or "singular weights"])
                     continue
-                s = float(sc.score[j])
+                s = values[j]
                 n_ok[layer] += 1
                 tried[layer].append([ex, ey, s])
                 if best[layer] is None or s > best[layer][0]:
@@ -681,12 +695,13 @@ def _run_trial(train: CentredStats, dev: CentredStats, test: CentredStats,
     for f, js in by_fit.values():
         sub = f.select(js)
         sc = _score(sub, test, metric)
+        oks, values, dead = sc.ok.tolist(), sc.score.tolist(), sc.dead.tolist()
         for j, layer in enumerate(sub.layers):
             rec = {"eps": list(sub.eps), "dev_score": best[layer][0], "dev_scores": tried[layer],
-                   "failed_pairs": failed[layer], "dead_directions": int(sc.dead[j]),
+                   "failed_pairs": failed[layer], "dead_directions": int(dead[j]),
                    "k": int(sub.proj_x.shape[1])}
-            if bool(sc.ok[j]):
-                rec.update(ok=True, test_score=float(sc.score[j]))
+            if oks[j]:
+                rec.update(ok=True, test_score=values[j])
             else:
                 rec.update(ok=False, reason="scoring the test split failed")
             records[layer] = rec

@@ -1,8 +1,9 @@
 """Process groups for ``torchrun``, shared by scoring and pretraining.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the process group (nccl on
-CUDA, gloo on the CPU) and gives each rank its own GPU (``cuda:LOCAL_RANK``). Outside it, the
-process is rank 0 of 1 and nothing is started.
+Under ``torchrun`` :func:`init_distributed` joins the process group (nccl on CUDA, gloo on the
+CPU) and gives each rank its own GPU (``cuda:LOCAL_RANK``); it does so with one process too
+(``--nproc_per_node 1``), so a one-GPU launch runs DDP and NCCL as a many-GPU one does. Outside
+``torchrun`` the process is rank 0 of 1 and nothing is started.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # under torchrun: the process group is joined even with one rank
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def main(self) -> bool:
@@ -65,15 +67,17 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
-    """Join the ``torchrun`` process group if ``WORLD_SIZE`` > 1 (nccl on CUDA, else gloo)."""
+    """Join the process group under ``torchrun`` (``TORCHELASTIC_RUN_ID`` set, any number of
+    ranks) or when ``WORLD_SIZE`` > 1: nccl on CUDA, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
     dev = resolve_device(device, local)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or launched) and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local), dev
+    return Dist(rank=rank, world_size=world, local_rank=local, launched=launched), dev
 
 
 def destroy_distributed(dist_info: Dist) -> None:

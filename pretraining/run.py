@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from layerprobe.distributed import Dist, init_distributed
+from layerprobe.distributed import Dist, destroy_distributed, init_distributed
 from pretraining.config import PretrainConfig
 from pretraining.data import AudioSet, BatchStream
 from pretraining.model import (
@@ -150,8 +149,7 @@ def run_pretraining(config: PretrainConfig, run_dir: str | Path, *, resume: bool
         return _run_plan(config, Path(run_dir), dist_info, device, resume=resume,
                          stop_at=stop_at, log=log)
     finally:
-        if dist_info.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed(dist_info)
 
 
 def _run_plan(config: PretrainConfig, run_dir: Path, dist_info: Dist, device: torch.device, *,

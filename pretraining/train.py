@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -135,14 +134,6 @@ def check_mask_settings(model: torch.nn.Module) -> tuple[float, int]:
                          f"{gen.mask_selection!r}, no_mask_overlap={gen.no_mask_overlap}, "
                          f"mask_channel_prob={gen.mask_channel_prob}")
     return float(gen.mask_prob), int(gen.mask_length)
-
-
-def _gather(obj: Any, dist_info: Dist) -> list[Any]:
-    if not dist_info.enabled:
-        return [obj]
-    out: list[Any] = [None] * dist_info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: int, steps: int,
@@ -255,8 +246,8 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
                 sums.zero_()
                 window_micro, window_audio, window_start = 0, 0.0, time.perf_counter()
             if step % config.save_every == 0 or step in (steps, stop_at_step):
-                rngs = _gather(rng_state(), dist_info)
-                positions = _gather(dict(data_state), dist_info)
+                rngs = dist_info.all_gather_object(rng_state())
+                positions = dist_info.all_gather_object(dict(data_state))
                 if dist_info.main:
                     atomic_torch_save({"format": STATE_FORMAT, "iteration": iteration,
                                        "step": step, "model": model.state_dict(),

@@ -23,6 +23,31 @@ def test_single_process_is_rank_0_of_1(monkeypatch):
     assert dist_info.all_gather_object(3) == [3] and dist_info.gather_object("x") == ["x"]
 
 
+def test_torchrun_with_one_process_joins_the_group(monkeypatch):
+    """``torchrun --nproc_per_node 1`` runs the collective path (DDP, NCCL on a GPU) too."""
+    import socket
+
+    import torch.distributed as dist
+
+    from layerprobe.distributed import destroy_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "1", "RANK": "0",
+                       "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    dist_info, device = init_distributed("cpu")
+    try:
+        assert dist_info.launched and dist_info.enabled and dist.is_initialized()
+        assert dist.get_world_size() == 1 and device.type == "cpu"
+        assert dist_info.all_gather_object({"a": 1}) == [{"a": 1}]
+    finally:
+        destroy_distributed(dist_info)
+    assert not dist.is_initialized()
+
+
 def _run(cmd: list[str], cwd, retry_dir=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
