@@ -3,14 +3,19 @@
 One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` against centroids
 ``[L, k, d]`` (a single set is ``L = 1``). Steps:
 
-- init: k-means++ (seeded ``torch.Generator`` on the data's device), batched over layers, on a
-  random subset of ``init_size`` rows;
+- init: greedy k-means++ (as scikit-learn: each centroid the best of ``2 + ln k`` candidates;
+  seeded ``torch.Generator`` on the data's device), batched over layers, on a random subset of
+  ``init_size`` rows (default as scikit-learn: 3 batches, or 3 k when that is fewer than k);
 - Lloyd (``batch_size = 0`` or >= the rows: full passes until the relative inertia decrease is
-  below ``tol``) or mini-batch (Sculley 2010 with per-centroid learning rates ``1/count``, as
-  scikit-learn's ``MiniBatchKMeans``; stops after ``max_no_improvement`` steps without a better
-  smoothed batch inertia, or ``max_iter`` epochs);
+  below ``tol``) or mini-batch, as scikit-learn's ``MiniBatchKMeans`` (Sculley 2010): each step
+  draws ``batch_size`` rows with replacement, moves every centroid to the running mean of the rows
+  it took (learning rate ``1/count``) and, every ``10 k`` rows or while a centroid has taken none,
+  moves centroids whose count is below ``reassignment_ratio`` × the largest to random rows of the
+  batch; it stops after ``max_no_improvement`` steps without a better smoothed batch inertia
+  (the first step not monitored), or ``max_iter × rows / batch_size`` steps;
 - ``n_init`` seedings: Lloyd runs each and keeps the lowest inertia (on all rows), per layer;
-  mini-batch runs only the seeding with the lowest inertia on its own rows (as scikit-learn).
+  mini-batch runs only the seeding with the lowest inertia on a validation sample of
+  ``init_size`` rows (as scikit-learn).
 
 Distances are ``||x||² − 2 x·c + ||c||²`` with float32 matmuls, in row chunks so that no
 ``[L, rows, k]`` block exceeds ``memory_mb``; assignments are ``argmin`` (first index on ties),
@@ -44,13 +49,14 @@ class KMeansConfig:
     backend: str = "torch"  # "torch" (CPU/CUDA, batched over layers) or "sklearn" (reference)
     init: str = "k-means++"
     n_init: int = 3  # k-means++ seedings tried; the lowest inertia wins
-    max_iter: int = 100  # Lloyd iterations, or mini-batch epochs
+    max_iter: int = 100  # Lloyd iterations, or mini-batch passes' worth of steps
     batch_size: int = 0  # 0: full Lloyd (agrees with scikit-learn's MI); > 0: mini-batch rows
     tol: float = 1e-4  # Lloyd: stop when inertia falls by less than this fraction; mini-batch:
     # a smoothed batch inertia is "better" when lower by more than this fraction
     max_no_improvement: int = 10  # mini-batch: stop after this many steps without a better one
-    init_size: int = 0  # k-means++ on this many random rows; 0: max(3 * batch_size, 3 * k)
-    reassignment_ratio: float = 0.0  # scikit-learn backend only
+    init_size: int = 0  # k-means++ on this many random rows; 0: 3 * batch_size (3 * k if fewer)
+    reassignment_ratio: float = 0.0  # mini-batch: reassign centroids below this
+    # fraction of the largest count (scikit-learn's default 0.01; 0: never)
     memory_mb: float = 256.0  # largest [L, rows, k] float32 distance block
 
     def __post_init__(self) -> None:
@@ -141,34 +147,39 @@ def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding, batched over layers: x ``[L, m, d]`` → centroids ``[L, k, d]``.
+    """Greedy k-means++ seeding (as scikit-learn: each centroid is the best of
+    ``2 + ln k`` candidates drawn ∝ squared distance), batched over layers: x ``[L, m, d]`` →
+    centroids ``[L, k, d]``.
 
     The layers share the random numbers (each layer's draw is still a k-means++ draw from its own
     distances), so a layer gets the same centroids alone as in a batch."""
     L, m, d = x.shape
+    trials = 2 + int(math.log(k))
     layer = torch.arange(L, device=x.device)
     first = torch.randint(m, (1,), generator=gen, device=x.device).expand(L)
     centroids = torch.empty(L, k, d, dtype=x.dtype, device=x.device)
     centroids[:, 0] = x[layer, first]
     x_sq = x.pow(2).sum(-1)  # [L, m]
 
-    def sq_distance(j: int) -> torch.Tensor:  # [L, m] to centroid j: one read of x (a matvec)
-        c = centroids[:, j]
-        xc = torch.bmm(x, c[:, :, None])[..., 0]
-        return (x_sq - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+    def sq_distances(c: torch.Tensor) -> torch.Tensor:  # c [L, t, d] → [L, t, m]
+        xc = torch.bmm(c, x.mT)
+        return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
 
-    closest = sq_distance(0)
-    uniforms = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
+    closest = sq_distances(centroids[:, :1])[:, 0]  # [L, m]
+    uniforms = torch.rand(k, trials, generator=gen, device=x.device, dtype=torch.float64)
     for j in range(1, k):
         weights = closest.double()
         total = weights.sum(-1, keepdim=True)
         # all rows already centroids (duplicates): pick uniformly
         weights = torch.where(total > 0, weights, torch.ones_like(weights))
         cum = weights.cumsum(-1)
-        target = (uniforms[j] * cum[:, -1:]).contiguous()
-        pick = torch.searchsorted(cum, target).clamp_max_(m - 1)[:, 0]
-        centroids[:, j] = x[layer, pick]
-        closest = torch.minimum(closest, sq_distance(j))
+        target = (uniforms[j] * cum[:, -1:]).contiguous()  # [L, trials]
+        picks = torch.searchsorted(cum, target).clamp_max_(m - 1)
+        candidates = x[layer[:, None], picks]  # [L, trials, d]
+        after = torch.minimum(closest[:, None], sq_distances(candidates))  # [L, trials, m]
+        best = after.double().sum(-1).argmin(-1)  # the candidate leaving the lowest inertia
+        centroids[:, j] = candidates[layer, best]
+        closest = after[layer, best]
     return centroids
 
 
@@ -207,43 +218,68 @@ def _lloyd(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig
     return centroids, steps
 
 
+def _reassign_starved(xb: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                      due: torch.Tensor, ratio: float, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's random reassignment, on the layers where ``due``: centroids whose count is
+    below ``ratio`` × the layer's largest (at most half the batch, the lowest counts first) move
+    to random rows of the batch xb ``[L, b, d]`` (drawn without replacement, shared by the
+    layers) and take the smallest count of the others."""
+    L, b, _ = xb.shape
+    starved = (counts < ratio * counts.amax(-1, keepdim=True)) & due[:, None]
+    starved &= counts.argsort(dim=-1, stable=True).argsort(dim=-1) < b // 2  # rank by count
+    rows = torch.randperm(b, generator=gen, device=xb.device)
+    slot = (starved.long().cumsum(-1) - 1).clamp_(0, b - 1)  # j-th starved centroid: row j
+    layer = torch.arange(L, device=xb.device)[:, None]
+    centroids = torch.where(starved[..., None], xb[layer, rows[slot]], centroids)
+    kept_min = torch.where(starved, math.inf, counts).amin(-1, keepdim=True)
+    return centroids, torch.where(starved, kept_min, counts)
+
+
 def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mini-batch steps (rows shared by the layers); a layer stops (frozen) after
+    """scikit-learn's mini-batch steps (batches of rows drawn with replacement, shared by the
+    layers; random reassignment of starved centroids); a layer stops (frozen) after
     ``max_no_improvement`` steps without a better smoothed batch inertia."""
     L, n, d = x.shape
     k = centroids.shape[1]
     b = min(config.batch_size, n)
-    steps_per_epoch = math.ceil(n / b)
     counts = torch.zeros(L, k, dtype=torch.float32, device=x.device)
     best_ewa = torch.full((L,), math.inf, dtype=torch.float64, device=x.device)
     ewa = None
     stale = torch.zeros(L, dtype=torch.int64, device=x.device)
     active = torch.ones(L, dtype=torch.bool, device=x.device)
     steps = torch.zeros(L, dtype=torch.int64, device=x.device)
+    since_reassign = torch.zeros(L, dtype=torch.int64, device=x.device)  # rows seen since
     alpha = min(1.0, 2.0 * b / (n + 1))
-    for _ in range(config.max_iter):
-        order = torch.randperm(n, generator=gen, device=x.device)
-        for s in range(steps_per_epoch):
-            rows = order[s * b:(s + 1) * b]
-            xb = x[:, rows]
-            ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False)
-            batch_inertia = dist.double().mean(-1)
-            sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
-            n_b *= active[:, None]
-            counts += n_b
-            # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
-            step = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
-            centroids = torch.where(active[:, None, None], centroids + step, centroids)
-            steps += active.long()
-            ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
-            better = ewa < best_ewa * (1.0 - config.tol)
-            best_ewa = torch.where(better, ewa, best_ewa)
-            stale = torch.where(better, torch.zeros_like(stale), stale + 1)
-            if config.max_no_improvement:
-                active &= stale < config.max_no_improvement
-                if not bool(active.any()):
-                    return centroids, steps
+    for step in range(max(1, config.max_iter * n // b)):
+        xb = x[:, torch.randint(n, (b,), generator=gen, device=x.device)]
+        # reassign every 10 k rows, or when a centroid has taken no row yet (scikit-learn)
+        since_reassign += b
+        due = active & ((counts == 0).any(-1) | (since_reassign >= 10 * k))
+        since_reassign = torch.where(due, torch.zeros_like(since_reassign), since_reassign)
+        ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False)
+        batch_inertia = dist.double().mean(-1)
+        sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
+        n_b *= active[:, None]
+        counts += n_b
+        # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
+        update = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
+        centroids = torch.where(active[:, None, None], centroids + update, centroids)
+        if config.reassignment_ratio > 0:
+            centroids, counts = _reassign_starved(xb, centroids, counts, due,
+                                                  config.reassignment_ratio, gen)
+        steps += active.long()
+        if step == 0:  # the first batch's inertia is that of the seeding: not monitored
+            continue
+        ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+        better = ewa < best_ewa * (1.0 - config.tol)
+        best_ewa = torch.where(better, ewa, best_ewa)
+        stale = torch.where(better, torch.zeros_like(stale), stale + 1)
+        if config.max_no_improvement:
+            active &= stale < config.max_no_improvement
+            if not bool(active.any()):
+                break
     return centroids, steps
 
 
@@ -265,23 +301,28 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     if config.backend == "sklearn":
         return _sklearn_fit(t, n_clusters, config, seed)
     t = t.to(device) if device is not None else t
+    b = min(config.batch_size, n)
+    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
+    # scikit-learn's default: 3 batches, or 3 k when that is fewer than k rows
+    init_size = min(n, config.init_size or (3 * b if 3 * b >= n_clusters else 3 * n_clusters))
+    run = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
+    validation = None if lloyd else \
+        t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
     best: torch.Tensor | None = None
     best_inertia = torch.full((L,), math.inf, dtype=torch.float64, device=t.device)
     best_steps = torch.zeros(L, dtype=torch.int64, device=t.device)
-    init_size = config.init_size or max(3 * config.batch_size, 3 * n_clusters)
-    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
     for restart in range(config.n_init):
         # one stream per restart: a restart's draws do not depend on how long the last one ran
         gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
         rows = torch.randperm(n, generator=gen, device=t.device)[:init_size] \
             if init_size < n else None
-        sample = t if rows is None else t[:, rows]
-        centroids = _kmeans_pp(sample, n_clusters, gen)
+        centroids = _kmeans_pp(t if rows is None else t[:, rows], n_clusters, gen)
         if lloyd:
             centroids, steps = _lloyd(t, centroids, config)
             inertia = assign_chunked(t, centroids, memory_mb=config.memory_mb)[1].double().sum(-1)
-        else:  # as scikit-learn: the seeding with the lowest inertia on its rows is run once
-            inertia = assign_chunked(sample, centroids,
+        else:  # as scikit-learn: the seeding best on a validation sample is run once
+            assert validation is not None
+            inertia = assign_chunked(validation, centroids,
                                      memory_mb=config.memory_mb)[1].double().sum(-1)
             steps = torch.zeros(L, dtype=torch.int64, device=t.device)
         better = inertia < best_inertia
@@ -290,8 +331,7 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
         best_steps = torch.where(better, steps, best_steps)
     assert best is not None
     if not lloyd:
-        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
-        best, best_steps = _minibatch(t, best, config, gen)
+        best, best_steps = _minibatch(t, best, config, run)
         best_inertia = assign_chunked(t, best, memory_mb=config.memory_mb)[1].double().sum(-1)
     return KMeansFit(centroids=best, inertia=best_inertia.tolist(), n_steps=best_steps.tolist())
 
