@@ -7,8 +7,15 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from layerprobe.kmeans import (KMeansConfig, _minibatch, assign_chunked, kmeans_fit,
-                               kmeans_predict)
+from layerprobe.kmeans import (
+    KMeansConfig,
+    _cluster_sums,
+    _cluster_sums_onehot,
+    _minibatch,
+    assign_chunked,
+    kmeans_fit,
+    kmeans_predict,
+)
 
 
 def _blobs(n=900, d=6, k=5, seed=0, spread=0.1):
@@ -52,6 +59,19 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
         # the same assignments; cluster sums grouped by chunk: equal to float rounding
         torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
         assert torch.equal(kmeans_predict(x, a.centroids), kmeans_predict(x, b.centroids))
+
+
+def test_cluster_sums_by_index_equal_the_one_hot_matmuls_used_off_the_cpu():
+    x, _ = _layers(n=300)
+    ids = torch.randint(9, (3, 300), generator=torch.Generator().manual_seed(0))
+    ids[:, :9] = 8  # cluster 0..7 may be empty; 8 is not
+    for dtype in (torch.float32, torch.float64):
+        sums, counts = _cluster_sums(x, ids, 10, dtype, 256.0)
+        sums_1h, counts_1h = _cluster_sums_onehot(x, ids, 10, dtype, 1e-3)  # a few rows a chunk
+        torch.testing.assert_close(sums, sums_1h)
+        assert torch.equal(counts, counts_1h) and (counts[:, 9] == 0).all()
+        assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=10) for i in ids])
+                           .to(dtype))
 
 
 @pytest.mark.parametrize("batch_size,reassignment_ratio", [(0, 0.0), (64, 0.0), (64, 0.3)])
