@@ -91,7 +91,16 @@ def child(model: str, manifest: str, device: str, metrics: str) -> None:
     }))
 
 
-def kmeans_benchmark(layers: int, items: int, clusters: int, device: str) -> None:
+def reference_kmeans(backend: str):
+    """scikit-learn's ``MiniBatchKMeans`` with the published settings (``backend="sklearn"``), or
+    the torch backend with the same settings."""
+    from layerprobe.kmeans import KMeansConfig
+
+    return KMeansConfig(backend=backend, batch_size=1500, n_init=3, max_iter=500, tol=0.0,
+                        max_no_improvement=10, reassignment_ratio=0.01)
+
+
+def kmeans_benchmark(layers: int, items: int, clusters: int, device: str, lloyd: bool) -> None:
     """MI k-means on synthetic features: torch backend vs scikit-learn, same data, same run."""
     from layerprobe.kmeans import KMeansConfig
     from layerprobe.mi import mi_score
@@ -102,11 +111,10 @@ def kmeans_benchmark(layers: int, items: int, clusters: int, device: str) -> Non
     centres = torch.randn(layers, n_classes, dim, generator=gen)
     x = centres[:, labels] + 2.0 * torch.randn(layers, items, dim, generator=gen)
     train = torch.rand(items, generator=gen) < 0.8
-    published = KMeansConfig(backend="sklearn", batch_size=1500, n_init=3, max_iter=500, tol=0.0,
-                             max_no_improvement=10, reassignment_ratio=0.01)
-    runs = {"torch mini-batch 1024, n_init 3": KMeansConfig(batch_size=1024),
-            "torch Lloyd, n_init 3 (the MI default)": KMeansConfig(),
-            "sklearn MiniBatchKMeans (batch 1500, n_init 3)": published}
+    runs = {"torch mini-batch 1500, n_init 3 (published)": reference_kmeans("torch")}
+    if lloyd:
+        runs["torch Lloyd, n_init 3"] = KMeansConfig(batch_size=0)
+    runs["sklearn MiniBatchKMeans 1500, n_init 3 (published)"] = reference_kmeans("sklearn")
     print(f"MI k-means: {layers} layers x {items} items x {dim}-d, {clusters} clusters, "
           f"{torch.get_num_threads()} threads")
     seconds = {}
@@ -117,26 +125,31 @@ def kmeans_benchmark(layers: int, items: int, clusters: int, device: str) -> Non
         if target.startswith("cuda"):
             torch.cuda.synchronize()
         seconds[name] = time.perf_counter() - start
-        print(f"  {name:<48} on {target:<6} {seconds[name]:8.1f} s   MI per layer "
-              f"{[round(s, 3) for s in res.scores[:4]]}{' ...' if layers > 4 else ''}")
+        print(f"  {name:<52} on {target:<6} {seconds[name]:8.1f} s   MI per layer "
+              f"{[round(s, 3) for s in res.scores[:4]]}{' ...' if layers > 4 else ''}   "
+              f"steps {res.details['kmeans_steps'][0][:4]}", flush=True)
     reference = seconds[list(runs)[-1]]
     for name in list(runs)[:-1]:
         print(f"sklearn / {name}: {reference / seconds[name]:.1f}x")
 
 
-def agreement(device: str, seeds: int) -> None:
+def agreement(device: str, seeds: int, lloyd: bool) -> None:
     """torch-MI vs scikit-learn-MI per layer on the bundled corpus, with the spread over seeds."""
+    import statistics
+
     from layerprobe.config import AnalysisConfig
     from layerprobe.kmeans import KMeansConfig
     from layerprobe.score import score_model
 
-    reference = KMeansConfig(backend="sklearn", batch_size=1500, n_init=3, max_iter=500, tol=0.0,
-                             max_no_improvement=10, reassignment_ratio=0.01)
+    runs = {"torch": reference_kmeans("torch")}
+    if lloyd:
+        runs["torch Lloyd"] = KMeansConfig(batch_size=0)
+    runs["sklearn"] = reference_kmeans("sklearn")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "hubert_base_random.pt"
         build_model(model)
         scored = {}
-        for name, kmeans in (("torch", KMeansConfig()), ("sklearn", reference)):
+        for name, kmeans in runs.items():
             config = AnalysisConfig(device=device, metrics=("mi",), probes=("phone", "word"),
                                     n_seeds=seeds, mi_kmeans=kmeans)
             start = time.perf_counter()
@@ -145,15 +158,26 @@ def agreement(device: str, seeds: int) -> None:
                 scored[name] = score_model(model, None, config, progress=False)
             print(f"{name}: {time.perf_counter() - start:.1f} s, MI "
                   f"{scored[name][0].meta['timings']['mi']:.1f} s", flush=True)
-    for ours, ref in zip(scored["torch"], scored["sklearn"], strict=True):
-        print(f"\n{ours.probe} MI, {ours.details['n_clusters']} clusters "
-              f"({ours.details['n_clusters_rule']}), {seeds} seeds")
-        print(f"{'layer':>5} {'torch':>15} {'sklearn':>15} {'|diff| / sklearn std':>21}")
-        for layer in ours.layers:
-            spread = ref.std[layer] if ref.std else float("nan")
-            gap = abs(ours.scores[layer] - ref.scores[layer]) / spread
-            print(f"{layer:>5} {ours.scores[layer]:.4f} ± {ours.std[layer]:.4f} "
-                  f"{ref.scores[layer]:.4f} ± {spread:.4f} {gap:>21.2f}")
+    for name in list(runs)[:-1]:
+        print(f"\n=== {name}: {runs[name]}")
+        for ours, ref in zip(scored[name], scored["sklearn"], strict=True):
+            n_train = ours.details["n_train"]
+            kind = "Lloyd" if runs[name].batch_size in (0,) or \
+                runs[name].batch_size >= n_train else "mini-batch"
+            print(f"\n{ours.probe} MI, {ours.details['n_clusters']} clusters "
+                  f"({ours.details['n_clusters_rule']}), {n_train} train items ({kind}), "
+                  f"{seeds} seeds")
+            print(f"{'layer':>5} {'torch':>15} {'sklearn':>15} {'(torch - sklearn) / std':>24}")
+            gaps = []
+            for layer in ours.layers:
+                spread = ref.std[layer] if ref.std else float("nan")
+                gaps.append((ours.scores[layer] - ref.scores[layer]) / spread)
+                print(f"{layer:>5} {ours.scores[layer]:.4f} ± {ours.std[layer]:.4f} "
+                      f"{ref.scores[layer]:.4f} ± {spread:.4f} {gaps[-1]:>24.2f}")
+            size = [abs(g) for g in gaps]
+            print(f"|gap| in sklearn stds: median {statistics.median(size):.2f}, max "
+                  f"{max(size):.2f}; torch higher in {sum(g > 0 for g in gaps)}/{len(gaps)} "
+                  f"layers; mean signed gap {statistics.fmean(gaps):+.2f}")
 
 
 def main() -> None:
@@ -168,13 +192,15 @@ def main() -> None:
     parser.add_argument("--agreement", action="store_true",
                         help="torch vs scikit-learn MI on the bundled corpus")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--lloyd", action="store_true",
+                        help="--kmeans / --agreement: also run the torch backend's full Lloyd")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MANIFEST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kmeans:
-        kmeans_benchmark(args.layers, args.items, args.clusters, args.device)
+        kmeans_benchmark(args.layers, args.items, args.clusters, args.device, args.lloyd)
         return
     if args.agreement:
-        agreement(args.device, args.seeds)
+        agreement(args.device, args.seeds, args.lloyd)
         return
     if args.child:
         child(*args.child, args.device, args.metrics)

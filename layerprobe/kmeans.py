@@ -3,21 +3,27 @@
 One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` against centroids
 ``[L, k, d]`` (a single set is ``L = 1``). Steps:
 
-- init: k-means++ (seeded ``torch.Generator`` on the data's device), batched over layers, on a
-  random subset of ``init_size`` rows;
-- Lloyd (``batch_size = 0`` or >= the rows: full passes until the relative inertia decrease is
-  below ``tol``) or mini-batch (Sculley 2010 with per-centroid learning rates ``1/count``, as
-  scikit-learn's ``MiniBatchKMeans``; stops after ``max_no_improvement`` steps without a better
-  smoothed batch inertia, or ``max_iter`` epochs);
-- ``n_init`` seedings: Lloyd runs each and keeps the lowest inertia (on all rows), per layer;
-  mini-batch runs only the seeding with the lowest inertia on its own rows (as scikit-learn).
+- init: greedy k-means++ (as scikit-learn: each centroid the best of ``2 + ln k`` candidates
+  drawn ∝ squared distance; seeded ``torch.Generator`` on the data's device), batched over
+  layers, the ``n_init`` seedings in lockstep on one random sample of ``init_size`` rows
+  (default as scikit-learn: 3 batches, or 3 k when that is fewer than k);
+- mini-batch (the default), as scikit-learn's ``MiniBatchKMeans`` (Sculley 2010): each step
+  draws ``batch_size`` rows with replacement, moves every centroid to the running mean of the rows
+  it took (learning rate ``1/count``) and, every ``10 k`` rows or while a centroid has taken none,
+  moves centroids whose count is below ``reassignment_ratio`` × the largest to random rows of the
+  batch; it stops after ``max_no_improvement`` steps without a better smoothed batch inertia
+  (the first step not monitored), or after ``max_iter × rows / batch_size`` steps. Only the
+  seeding with the lowest inertia on a validation sample of ``init_size`` rows is run;
+- or Lloyd (``batch_size = 0`` or >= the rows): full passes from every seeding until the relative
+  inertia decrease is at most ``tol``; the lowest inertia (on all rows) wins, per layer.
 
 Distances are ``||x||² − 2 x·c + ||c||²`` with float32 matmuls, in row chunks so that no
 ``[L, rows, k]`` block exceeds ``memory_mb``; assignments are ``argmin`` (first index on ties),
 so a seed gives the same clusters on the CPU whatever the chunk size; the distance to the chosen
 centroid (inertia, empty-cluster refills) is then computed directly as ``||x − c||²``. Empty
 Lloyd clusters take the rows farthest from their centroids. Inertia is summed in float64. Each
-layer stops when it converges (its centroids frozen), so a layer ends as it would alone.
+layer stops when it converges (its centroids frozen), so a layer ends as it would alone. On the
+CPU (float32 distances, ``index_add_`` cluster sums) a seed gives the same result every run.
 
 ``backend = "sklearn"`` runs scikit-learn's ``MiniBatchKMeans`` per layer with the same settings
 (the reference implementation).
@@ -39,18 +45,22 @@ BACKENDS = ("torch", "sklearn")
 @dataclass(frozen=True)
 class KMeansConfig:
     """k-means settings shared by MI (``[mi]`` of an analysis config) and pretraining targets
-    (``[kmeans]`` of a pretraining config)."""
+    (``[kmeans]`` of a pretraining config, with fairseq's defaults). The defaults are the
+    published MI settings (scikit-learn's ``MiniBatchKMeans(batch_size=1500, n_init=3,
+    max_iter=500, tol=0, max_no_improvement=10, reassignment_ratio=0.01)``)."""
 
     backend: str = "torch"  # "torch" (CPU/CUDA, batched over layers) or "sklearn" (reference)
     init: str = "k-means++"
     n_init: int = 3  # k-means++ seedings tried; the lowest inertia wins
-    max_iter: int = 100  # Lloyd iterations, or mini-batch epochs
-    batch_size: int = 0  # 0: full Lloyd (agrees with scikit-learn's MI); > 0: mini-batch rows
-    tol: float = 1e-4  # Lloyd: stop when inertia falls by less than this fraction; mini-batch:
+    max_iter: int = 500  # Lloyd iterations, or mini-batch passes' worth of steps
+    batch_size: int = 1500  # mini-batch rows; 0 (or >= the rows): full Lloyd
+    tol: float = 0.0  # Lloyd: stop when inertia falls by no more than this fraction; mini-batch:
     # a smoothed batch inertia is "better" when lower by more than this fraction
     max_no_improvement: int = 10  # mini-batch: stop after this many steps without a better one
-    init_size: int = 0  # k-means++ on this many random rows; 0: max(3 * batch_size, 3 * k)
-    reassignment_ratio: float = 0.0  # scikit-learn backend only
+    init_size: int = 0  # k-means++ on this many random rows; 0: 3 * batch_size, or 3 * k if
+    # that is fewer than k
+    reassignment_ratio: float = 0.01  # mini-batch: reassign centroids below this fraction of
+    # the largest count (0: never)
     memory_mb: float = 256.0  # largest [L, rows, k] float32 distance block
 
     def __post_init__(self) -> None:
@@ -98,10 +108,12 @@ def chunk_rows(n_layers: int, k: int, memory_mb: float) -> int:
 
 
 def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0,
-                   exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   exact: bool = True, x_sq: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row: x ``[L, n, d]``, centroids ``[L, k, d]`` → (ids ``[L, n]``
     int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``.
-    ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c)."""
+    ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c, with
+    the rows' squared norms ``x_sq`` ``[L, n]`` when given)."""
     L, n, d = x.shape
     if centroids.ndim != 3 or centroids.shape[0] != L or centroids.shape[2] != d:
         raise ValueError(f"centroids must be [{L}, k, {d}], got {tuple(centroids.shape)}")
@@ -119,14 +131,28 @@ def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float
         if exact:
             dist[:, start:start + step] = (xs - c[layer, arg]).pow(2).sum(-1)
         else:
-            dist[:, start:start + step] = (best + xs.pow(2).sum(-1)).clamp_min_(0.0)
+            norms = xs.pow(2).sum(-1) if x_sq is None else x_sq[:, start:start + step]
+            dist[:, start:start + step] = (best + norms).clamp_min_(0.0)
     return ids, dist
 
 
 def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype,
                   memory_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums ``[L, k, d]`` and counts ``[L, k]``: batched one-hot matmuls over row
-    chunks (no ``[L, rows, k]`` one-hot block beyond ``memory_mb``)."""
+    """Per-cluster sums ``[L, k, d]`` and counts ``[L, k]``: on the CPU by ``index_add_`` (in row
+    order: deterministic), elsewhere by one-hot matmuls (no atomics)."""
+    if x.device.type != "cpu":
+        return _cluster_sums_onehot(x, ids, k, dtype, memory_mb)
+    L, n, d = x.shape
+    flat = (ids + torch.arange(L)[:, None] * k).flatten()
+    sums = torch.zeros(L * k, d, dtype=dtype).index_add_(0, flat, x.reshape(L * n, d).to(dtype))
+    counts = torch.zeros(L * k, dtype=dtype).index_add_(0, flat, torch.ones(L * n, dtype=dtype))
+    return sums.view(L, k, d), counts.view(L, k)
+
+
+def _cluster_sums_onehot(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype,
+                         memory_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cluster_sums` by batched one-hot matmuls over row chunks (no ``[L, rows, k]``
+    one-hot block beyond ``memory_mb``)."""
     L, n, d = x.shape
     sums = torch.zeros(L, k, d, dtype=dtype, device=x.device)
     counts = torch.zeros(L, k, dtype=dtype, device=x.device)
@@ -140,35 +166,44 @@ def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype
     return sums, counts
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding, batched over layers: x ``[L, m, d]`` → centroids ``[L, k, d]``.
+def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Greedy k-means++ seedings (as scikit-learn: each centroid is the best of
+    ``2 + ln k`` candidates drawn ∝ squared distance), one per generator, batched over layers and
+    run in lockstep (one read of x per centroid for all seedings): x ``[L, m, d]`` → centroids
+    ``[R, L, k, d]`` for ``R = len(gens)``.
 
     The layers share the random numbers (each layer's draw is still a k-means++ draw from its own
     distances), so a layer gets the same centroids alone as in a batch."""
     L, m, d = x.shape
-    layer = torch.arange(L, device=x.device)
-    first = torch.randint(m, (1,), generator=gen, device=x.device).expand(L)
-    centroids = torch.empty(L, k, d, dtype=x.dtype, device=x.device)
-    centroids[:, 0] = x[layer, first]
+    R, trials = len(gens), 2 + int(math.log(k))
+    dev = x.device
+    first = torch.cat([torch.randint(m, (1,), generator=g, device=dev) for g in gens])  # [R]
+    uniforms = torch.stack([torch.rand(k, trials, generator=g, device=dev, dtype=torch.float64)
+                            for g in gens], dim=1)  # [k, R, trials]
     x_sq = x.pow(2).sum(-1)  # [L, m]
 
-    def sq_distance(j: int) -> torch.Tensor:  # [L, m] to centroid j: one read of x (a matvec)
-        c = centroids[:, j]
-        xc = torch.bmm(x, c[:, :, None])[..., 0]
-        return (x_sq - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+    def sq_distances(c: torch.Tensor) -> torch.Tensor:  # c [L, q, d] → [L, q, m]
+        xc = torch.bmm(c, x.mT)
+        return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
 
-    closest = sq_distance(0)
-    uniforms = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
+    centroids = torch.empty(R, L, k, d, dtype=x.dtype, device=dev)
+    centroids[:, :, 0] = x[:, first].transpose(0, 1)
+    closest = sq_distances(x[:, first])  # [L, R, m]
+    layer = torch.arange(L, device=dev)[:, None, None]
     for j in range(1, k):
         weights = closest.double()
         total = weights.sum(-1, keepdim=True)
         # all rows already centroids (duplicates): pick uniformly
         weights = torch.where(total > 0, weights, torch.ones_like(weights))
         cum = weights.cumsum(-1)
-        target = (uniforms[j] * cum[:, -1:]).contiguous()
-        pick = torch.searchsorted(cum, target).clamp_max_(m - 1)[:, 0]
-        centroids[:, j] = x[layer, pick]
-        closest = torch.minimum(closest, sq_distance(j))
+        target = (uniforms[j] * cum[..., -1:]).contiguous()  # [L, R, trials]
+        picks = torch.searchsorted(cum, target).clamp_max_(m - 1)
+        candidates = x[layer, picks]  # [L, R, trials, d]
+        after = torch.minimum(closest[:, :, None],
+                              sq_distances(candidates.flatten(1, 2)).view(L, R, trials, m))
+        best = after.sum(-1, dtype=torch.float64).argmin(-1)[..., None, None]  # [L, R, 1, 1]
+        centroids[:, :, j] = candidates.gather(2, best.expand(L, R, 1, d))[:, :, 0].transpose(0, 1)
+        closest = after.gather(2, best.expand(L, R, 1, m))[:, :, 0]
     return centroids
 
 
@@ -207,43 +242,74 @@ def _lloyd(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig
     return centroids, steps
 
 
+def _reassign_starved(xb: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                      due: torch.Tensor, ratio: float, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's random reassignment, on the layers where ``due``: centroids whose count is
+    below ``ratio`` × the layer's largest (at most half the batch, the lowest counts first) move
+    to random rows of the batch xb ``[L, b, d]`` (drawn without replacement, shared by the
+    layers) and take the smallest count of the others."""
+    L, b, _ = xb.shape
+    starved = (counts < ratio * counts.amax(-1, keepdim=True)) & due[:, None]
+    starved &= counts.argsort(dim=-1, stable=True).argsort(dim=-1) < b // 2  # rank by count
+    rows = torch.randperm(b, generator=gen, device=xb.device)
+    slot = (starved.long().cumsum(-1) - 1).clamp_(0, b - 1)  # j-th starved centroid: row j
+    layer = torch.arange(L, device=xb.device)[:, None]
+    centroids = torch.where(starved[..., None], xb[layer, rows[slot]], centroids)
+    kept_min = torch.where(starved, math.inf, counts).amin(-1, keepdim=True)
+    return centroids, torch.where(starved, kept_min, counts)
+
+
 def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mini-batch steps (rows shared by the layers); a layer stops (frozen) after
+    """scikit-learn's mini-batch steps (batches of rows drawn with replacement, shared by the
+    layers; random reassignment of starved centroids); a layer stops (frozen) after
     ``max_no_improvement`` steps without a better smoothed batch inertia."""
     L, n, d = x.shape
     k = centroids.shape[1]
     b = min(config.batch_size, n)
-    steps_per_epoch = math.ceil(n / b)
     counts = torch.zeros(L, k, dtype=torch.float32, device=x.device)
     best_ewa = torch.full((L,), math.inf, dtype=torch.float64, device=x.device)
     ewa = None
     stale = torch.zeros(L, dtype=torch.int64, device=x.device)
     active = torch.ones(L, dtype=torch.bool, device=x.device)
     steps = torch.zeros(L, dtype=torch.int64, device=x.device)
+    since_reassign = torch.zeros(L, dtype=torch.int64, device=x.device)  # rows seen since
     alpha = min(1.0, 2.0 * b / (n + 1))
-    for _ in range(config.max_iter):
-        order = torch.randperm(n, generator=gen, device=x.device)
-        for s in range(steps_per_epoch):
-            rows = order[s * b:(s + 1) * b]
-            xb = x[:, rows]
-            ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False)
-            batch_inertia = dist.double().mean(-1)
-            sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
-            n_b *= active[:, None]
-            counts += n_b
-            # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
-            step = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
-            centroids = torch.where(active[:, None, None], centroids + step, centroids)
-            steps += active.long()
-            ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
-            better = ewa < best_ewa * (1.0 - config.tol)
-            best_ewa = torch.where(better, ewa, best_ewa)
-            stale = torch.where(better, torch.zeros_like(stale), stale + 1)
-            if config.max_no_improvement:
-                active &= stale < config.max_no_improvement
-                if not bool(active.any()):
-                    return centroids, steps
+    x = x.contiguous()
+    x_sq = x.pow(2).sum(-1)  # [L, n]
+    offsets = torch.arange(L, device=x.device)[:, None] * n
+    xb = torch.empty(L, b, d, dtype=x.dtype, device=x.device)  # reused: no allocation a step
+    for step in range(max(1, config.max_iter * n // b)):
+        rows = torch.randint(n, (b,), generator=gen, device=x.device)
+        torch.index_select(x.view(L * n, d), 0, (rows + offsets).flatten(), out=xb.view(L * b, d))
+        # reassign every 10 k rows, or when a centroid has taken no row yet (scikit-learn)
+        since_reassign += b
+        due = active & ((counts == 0).any(-1) | (since_reassign >= 10 * k))
+        since_reassign = torch.where(due, torch.zeros_like(since_reassign), since_reassign)
+        ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False,
+                                   x_sq=x_sq.index_select(1, rows))
+        batch_inertia = dist.double().mean(-1)
+        sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
+        n_b *= active[:, None]
+        counts += n_b
+        # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
+        update = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
+        centroids = torch.where(active[:, None, None], centroids + update, centroids)
+        if config.reassignment_ratio > 0:
+            centroids, counts = _reassign_starved(xb, centroids, counts, due,
+                                                  config.reassignment_ratio, gen)
+        steps += active.long()
+        if step == 0:  # the first batch's inertia is that of the seeding: not monitored
+            continue
+        ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+        better = ewa < best_ewa * (1.0 - config.tol)
+        best_ewa = torch.where(better, ewa, best_ewa)
+        stale = torch.where(better, torch.zeros_like(stale), stale + 1)
+        if config.max_no_improvement:
+            active &= stale < config.max_no_improvement
+            if not bool(active.any()):
+                break
     return centroids, steps
 
 
@@ -265,23 +331,30 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     if config.backend == "sklearn":
         return _sklearn_fit(t, n_clusters, config, seed)
     t = t.to(device) if device is not None else t
+    b = min(config.batch_size, n)
+    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
+    # scikit-learn's default: 3 batches, or 3 k when that is fewer than k rows
+    init_size = min(n, config.init_size or (3 * b if 3 * b >= n_clusters else 3 * n_clusters))
+    run = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
+    # the n_init seedings share one sample of init_size rows (read once per centroid for all)
+    sample = t if init_size >= n else \
+        t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
+    gens = [torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
+            for restart in range(config.n_init)]
+    seedings = _kmeans_pp(sample, n_clusters, gens)
+    # mini-batch: the seeding with the lowest inertia on another sample is run (scikit-learn)
+    validation = None if lloyd else \
+        t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
     best: torch.Tensor | None = None
     best_inertia = torch.full((L,), math.inf, dtype=torch.float64, device=t.device)
     best_steps = torch.zeros(L, dtype=torch.int64, device=t.device)
-    init_size = config.init_size or max(3 * config.batch_size, 3 * n_clusters)
-    lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
-    for restart in range(config.n_init):
-        # one stream per restart: a restart's draws do not depend on how long the last one ran
-        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
-        rows = torch.randperm(n, generator=gen, device=t.device)[:init_size] \
-            if init_size < n else None
-        sample = t if rows is None else t[:, rows]
-        centroids = _kmeans_pp(sample, n_clusters, gen)
+    for centroids in seedings:
         if lloyd:
             centroids, steps = _lloyd(t, centroids, config)
             inertia = assign_chunked(t, centroids, memory_mb=config.memory_mb)[1].double().sum(-1)
-        else:  # as scikit-learn: the seeding with the lowest inertia on its rows is run once
-            inertia = assign_chunked(sample, centroids,
+        else:  # as scikit-learn: the seeding best on a validation sample is run once
+            assert validation is not None
+            inertia = assign_chunked(validation, centroids,
                                      memory_mb=config.memory_mb)[1].double().sum(-1)
             steps = torch.zeros(L, dtype=torch.int64, device=t.device)
         better = inertia < best_inertia
@@ -290,8 +363,7 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
         best_steps = torch.where(better, steps, best_steps)
     assert best is not None
     if not lloyd:
-        gen = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
-        best, best_steps = _minibatch(t, best, config, gen)
+        best, best_steps = _minibatch(t, best, config, run)
         best_inertia = assign_chunked(t, best, memory_mb=config.memory_mb)[1].double().sum(-1)
     return KMeansFit(centroids=best, inertia=best_inertia.tolist(), n_steps=best_steps.tolist())
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from layerprobe.kmeans import KMeansConfig, assign_chunked, kmeans_fit, kmeans_predict
+from layerprobe.kmeans import (
+    KMeansConfig,
+    _cluster_sums,
+    _cluster_sums_onehot,
+    _minibatch,
+    assign_chunked,
+    kmeans_fit,
+    kmeans_predict,
+)
 
 
 def _blobs(n=900, d=6, k=5, seed=0, spread=0.1):
@@ -53,10 +61,23 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
         assert torch.equal(kmeans_predict(x, a.centroids), kmeans_predict(x, b.centroids))
 
 
-@pytest.mark.parametrize("batch_size", [0, 64])
-def test_batched_over_layers_equals_one_layer_at_a_time(batch_size):
+def test_cluster_sums_by_index_equal_the_one_hot_matmuls_used_off_the_cpu():
+    x, _ = _layers(n=300)
+    ids = torch.randint(9, (3, 300), generator=torch.Generator().manual_seed(0))
+    ids[:, :9] = 8  # cluster 0..7 may be empty; 8 is not
+    for dtype in (torch.float32, torch.float64):
+        sums, counts = _cluster_sums(x, ids, 10, dtype, 256.0)
+        sums_1h, counts_1h = _cluster_sums_onehot(x, ids, 10, dtype, 1e-3)  # a few rows a chunk
+        torch.testing.assert_close(sums, sums_1h)
+        assert torch.equal(counts, counts_1h) and (counts[:, 9] == 0).all()
+        assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=10) for i in ids])
+                           .to(dtype))
+
+
+@pytest.mark.parametrize("batch_size,reassignment_ratio", [(0, 0.0), (64, 0.0), (64, 0.3)])
+def test_batched_over_layers_equals_one_layer_at_a_time(batch_size, reassignment_ratio):
     x, _ = _layers(n=500, spread=1.5)  # overlapping blobs: layers converge at different steps
-    config = KMeansConfig(batch_size=batch_size, n_init=2)
+    config = KMeansConfig(batch_size=batch_size, n_init=2, reassignment_ratio=reassignment_ratio)
     batched = kmeans_fit(x, 7, config=config, seed=3)
     for layer in range(3):
         alone = kmeans_fit(x[layer], 7, config=config, seed=3)
@@ -66,13 +87,31 @@ def test_batched_over_layers_equals_one_layer_at_a_time(batch_size):
     assert len(set(batched.n_steps)) > 1  # the check above compared different stopping steps
 
 
-def test_seeded_and_deterministic_on_the_cpu():
+@pytest.mark.parametrize("config", [KMeansConfig(), KMeansConfig(batch_size=64,
+                                                                   reassignment_ratio=0.01)])
+def test_seeded_and_deterministic_on_the_cpu(config):
     x, _ = _layers(n=400, spread=2.0)
-    a = kmeans_fit(x, 6, seed=7)
-    b = kmeans_fit(x, 6, seed=7)
-    c = kmeans_fit(x, 6, seed=8)
+    a = kmeans_fit(x, 6, config=config, seed=7)
+    b = kmeans_fit(x, 6, config=config, seed=7)
+    c = kmeans_fit(x, 6, config=config, seed=8)
     assert torch.equal(a.centroids, b.centroids) and a.inertia == b.inertia
     assert not torch.equal(a.centroids, c.centroids)
+
+
+@pytest.mark.parametrize("reassignment_ratio", [0.0, 0.01])
+def test_minibatch_reassigns_a_starved_centroid(reassignment_ratio):
+    x, _ = _layers(n_layers=2, n=600, k=3)
+    # two centroids in the data, the third far away: the nearest centroid of no row
+    start = torch.stack([x[:, 0], x[:, 1], torch.full_like(x[:, 0], 1e3)], dim=1)
+    assert not (kmeans_predict(x, start) == 2).any()
+    config = KMeansConfig(batch_size=64, max_iter=5, reassignment_ratio=reassignment_ratio)
+    centroids, _ = _minibatch(x, start, config, torch.Generator().manual_seed(0))
+    taken = (kmeans_predict(x, centroids) == 2).sum(-1)
+    if reassignment_ratio:  # moved onto a row of the data, and now takes rows
+        assert (centroids[:, 2].abs().amax(-1) < x.abs().amax((1, 2))).all()
+        assert (taken > 0).all()
+    else:  # without reassignment it never moves
+        assert torch.equal(centroids[:, 2], start[:, 2]) and (taken == 0).all()
 
 
 def test_empty_clusters_are_refilled_and_duplicates_handled():
