@@ -934,6 +934,6 @@ def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_g
             for layer in range(L):
                 torch.index_select(xs[layer], 0, idx, out=block_x[layer, :m])
             torch.index_select(ys, 0, idx.to(ys.device), out=block_y[:m])
-            mom.update(block_x[:, :m], block_y[:m], s)
+            mom.update(block_x[:, :m], block_y[:m], s, block=True)
     return cca_score_moments(mom, n_trials=n_trials, eps_grid=eps_grid, seed=seed, metric=metric,
                              device=device, n_splits=n_splits, n_seeds=n_seeds)

@@ -143,10 +143,11 @@ class Moments:
                    buffer_rows=buffer_rows)
 
     # ------------------------------------------------------------------ accumulation
-    def update(self, x, y, split) -> None:
+    def update(self, x, y, split, *, block: bool = False) -> None:
         """Add items: x ``[L, n, dx]`` (or ``[n, dx]`` when L = 1), y ``[n, dy]``, split ``[n]``
         ints in ``[0, n_splits)`` (or one int for all rows). Rows are copied (callers may reuse
-        their buffers)."""
+        their buffers). ``block``: the rows are one split's, folded in at once with one Gram
+        matmul instead of being buffered (done anyway for ``buffer_rows`` rows or more)."""
         x = as_tensor(x, name="x", device=self.device)
         y = as_tensor(y, name="y", device=self.device)
         if x.ndim == 2 and self.n_layers == 1:
@@ -172,8 +173,11 @@ class Moments:
         if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
             _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
         _check_finite(y, name="Moments.update: y", layered=False)
-        if n >= self.buffer_rows and bool((split_t == split_t[0]).all()):
-            # a large block of one split: fold it in directly (no buffer copy, one big Gram)
+        single = bool((split_t == split_t[0]).all())
+        if block and not single:
+            raise ValueError("Moments.update: block=True needs rows of a single split")
+        if (block or n >= self.buffer_rows) and single:
+            # a block of one split: fold it in directly (no buffer copy, one big Gram)
             self.flush()
             with _cpu_threads(1 if self.device.type == "cpu" else None):
                 self._add_block(x, y, int(split_t[0]))

@@ -48,6 +48,22 @@ def test_update_matches_numpy_per_split_and_centred():
         np.testing.assert_allclose(c.cyy.numpy(), cov[6:, 6:], rtol=1e-9, atol=1e-9)
 
 
+def test_block_updates_equal_buffered_ones():
+    """``block=True`` folds one split's rows in at once: same moments as buffering them, and
+    rows of several splits are refused."""
+    x, y, split = _data()
+    buffered = Moments.empty(3, 6, 4, 5, buffer_rows=64)
+    blocks = Moments.empty(3, 6, 4, 5, buffer_rows=64)
+    for s in range(5):
+        sel = split == s
+        buffered.update(x[:, sel], y[sel], s)
+        blocks.update(x[:, sel], y[sel], s, block=True)
+        assert blocks._fill == 0  # nothing waits in the buffer
+    _assert_equal_moments(blocks, buffered)
+    with pytest.raises(ValueError, match="single split"):
+        blocks.update(x[:, :10], y[:10], split[:10], block=True)
+
+
 def test_float32_input_accumulates_in_float64():
     x, y, split = _data()
     x32, y32 = torch.from_numpy(x).float(), torch.from_numpy(y).float()
