@@ -166,12 +166,16 @@ def _cluster_sums_onehot(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torc
     return sums, counts
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator]) -> torch.Tensor:
+def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
+               memory_mb: float = 256.0) -> torch.Tensor:
     """Greedy k-means++ seedings (as scikit-learn: each centroid is the best of
     ``2 + ln k`` candidates drawn ∝ squared distance), one per generator, batched over layers and
-    run in lockstep (one read of x per centroid for all seedings): x ``[L, m, d]`` → centroids
-    ``[R, L, k, d]`` for ``R = len(gens)``.
+    run in lockstep: x ``[L, m, d]`` → centroids ``[R, L, k, d]`` for ``R = len(gens)``.
 
+    Candidates are rows of x, so when a layer's ``[m, m]`` float32 distance matrix fits
+    ``memory_mb`` it is computed once (one Gram matmul: ``m`` rows instead of
+    ``(k - 1) · R · (2 + ln k)``) and the candidates' distances are its rows, layers taken in
+    groups that fit; otherwise each step computes them (one read of x for all seedings).
     The layers share the random numbers (each layer's draw is still a k-means++ draw from its own
     distances), so a layer gets the same centroids alone as in a batch."""
     L, m, d = x.shape
@@ -180,16 +184,41 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator]) -> torch.Te
     first = torch.cat([torch.randint(m, (1,), generator=g, device=dev) for g in gens])  # [R]
     uniforms = torch.stack([torch.rand(k, trials, generator=g, device=dev, dtype=torch.float64)
                             for g in gens], dim=1)  # [k, R, trials]
+    per_layer = 4 * m * m
+    group = int(memory_mb * 2**20 // per_layer)
+    if group < 1 or R * (trials * (k - 1) + 1) < m:  # no room, or fewer distances than a Gram
+        return _seed_layers(x, k, first, uniforms, None)
+    parts = []
+    for start in range(0, L, group):
+        xs = x[start:start + group]
+        x_sq = xs.pow(2).sum(-1)
+        dist = torch.baddbmm(x_sq[:, :, None] + x_sq[:, None, :], xs, xs.mT, alpha=-2.0)
+        parts.append(_seed_layers(xs, k, first, uniforms, dist.clamp_min_(0.0)))
+        del dist
+    return torch.cat(parts, dim=1)
+
+
+def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.Tensor,
+                 dist: torch.Tensor | None) -> torch.Tensor:
+    """The seeding loop of :func:`_kmeans_pp` for x ``[L, m, d]``: first centroids ``[R]``,
+    uniforms ``[k, R, trials]``, ``dist`` the ``[L, m, m]`` squared distances (or None: computed
+    per step)."""
+    L, m, d = x.shape
+    R, trials = first.shape[0], uniforms.shape[-1]
+    dev = x.device
+    layer = torch.arange(L, device=dev)[:, None]
     x_sq = x.pow(2).sum(-1)  # [L, m]
 
-    def sq_distances(c: torch.Tensor) -> torch.Tensor:  # c [L, q, d] → [L, q, m]
+    def sq_distances(rows: torch.Tensor) -> torch.Tensor:  # row ids [L, q] → [L, q, m]
+        if dist is not None:
+            return dist[layer, rows]
+        c = x[layer, rows]
         xc = torch.bmm(c, x.mT)
         return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
 
     centroids = torch.empty(R, L, k, d, dtype=x.dtype, device=dev)
     centroids[:, :, 0] = x[:, first].transpose(0, 1)
-    closest = sq_distances(x[:, first])  # [L, R, m]
-    layer = torch.arange(L, device=dev)[:, None, None]
+    closest = sq_distances(first.expand(L, R))  # [L, R, m]
     for j in range(1, k):
         weights = closest.double()
         total = weights.sum(-1, keepdim=True)
@@ -198,12 +227,12 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator]) -> torch.Te
         cum = weights.cumsum(-1)
         target = (uniforms[j] * cum[..., -1:]).contiguous()  # [L, R, trials]
         picks = torch.searchsorted(cum, target).clamp_max_(m - 1)
-        candidates = x[layer, picks]  # [L, R, trials, d]
         after = torch.minimum(closest[:, :, None],
-                              sq_distances(candidates.flatten(1, 2)).view(L, R, trials, m))
-        best = after.sum(-1, dtype=torch.float64).argmin(-1)[..., None, None]  # [L, R, 1, 1]
-        centroids[:, :, j] = candidates.gather(2, best.expand(L, R, 1, d))[:, :, 0].transpose(0, 1)
-        closest = after.gather(2, best.expand(L, R, 1, m))[:, :, 0]
+                              sq_distances(picks.flatten(1, 2)).view(L, R, trials, m))
+        best = after.sum(-1, dtype=torch.float64).argmin(-1, keepdim=True)  # [L, R, 1]
+        chosen = picks.gather(2, best)[..., 0]  # [L, R] row ids
+        centroids[:, :, j] = x[layer, chosen].transpose(0, 1)
+        closest = after.gather(2, best[..., None].expand(L, R, 1, m))[:, :, 0]
     return centroids
 
 
@@ -341,7 +370,7 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
         t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
     gens = [torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
             for restart in range(config.n_init)]
-    seedings = _kmeans_pp(sample, n_clusters, gens)
+    seedings = _kmeans_pp(sample, n_clusters, gens, memory_mb=config.memory_mb)
     # mini-batch: the seeding with the lowest inertia on another sample is run (scikit-learn)
     validation = None if lloyd else \
         t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]

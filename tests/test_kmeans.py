@@ -11,6 +11,7 @@ from layerprobe.kmeans import (
     KMeansConfig,
     _cluster_sums,
     _cluster_sums_onehot,
+    _kmeans_pp,
     _minibatch,
     assign_chunked,
     kmeans_fit,
@@ -72,6 +73,26 @@ def test_cluster_sums_by_index_equal_the_one_hot_matmuls_used_off_the_cpu():
         assert torch.equal(counts, counts_1h) and (counts[:, 9] == 0).all()
         assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=10) for i in ids])
                            .to(dtype))
+
+
+def test_seeding_from_the_distance_matrix_equals_distances_per_step():
+    """Greedy k-means++ picks the same rows whether the candidates' distances are rows of a
+    precomputed [m, m] matrix (layers in groups that fit the memory budget) or computed per
+    step."""
+    x, _ = _layers(n_layers=3, n=60, k=8, spread=1.0)  # 3 x 29 candidates > 60 rows: matrix
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+
+    per_step = _kmeans_pp(x, 8, gens(), memory_mb=1e-3)  # no room for a matrix
+    one_group = _kmeans_pp(x, 8, gens(), memory_mb=64.0)
+    layer_groups = _kmeans_pp(x, 8, gens(), memory_mb=60 * 60 * 4 / 2**20)  # one layer a group
+    assert per_step.shape == (3, 3, 8, 6)
+    assert torch.equal(one_group, layer_groups)
+    torch.testing.assert_close(one_group, per_step)
+    # every centroid is a row of its layer
+    rows = (one_group[:, :, :, None, :] == x[None, :, None, :, :]).all(-1).any(-1)
+    assert rows.all()
 
 
 @pytest.mark.parametrize("batch_size,reassignment_ratio", [(0, 0.0), (64, 0.0), (64, 0.3)])
