@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from layerprobe.models import resolve_device as layerprobe_device
 
-__all__ = ["Dist", "init_distributed", "resolve_device"]
+__all__ = ["Dist", "destroy_distributed", "init_distributed", "resolve_device"]
 
 
 @dataclass(frozen=True)
