@@ -62,6 +62,7 @@ run_part() {
         --threads 16 ;;
     cca_profile) part "$1" 60 60 $PY benchmarks/cca_engine.py --device cuda --ref-layers 0 \
         --profile ;;
+    device_agreement) part "$1" 240 8 $PY benchmarks/device_agreement.py --preset base ;;
     cuda_tests) part "$1" 90 4 $PY -m pytest -q -p no:cacheprovider tests/test_extract.py \
         tests/test_precision.py tests/test_models.py -k "cuda or device or precision" ;;
     *) echo "unknown part $1" ;;
@@ -73,6 +74,6 @@ transformers.__version__)"
 PARTS=("$@")
 if [ ${#PARTS[@]} -eq 0 ]; then
     PARTS=(train_eager train_compiled train_batch32 score_61min label_stage ddp_nccl cca_engine
-           cuda_tests conv_kernels profile_step)
+           device_agreement cuda_tests conv_kernels profile_step)
 fi
 for name in "${PARTS[@]}"; do run_part "$name"; done

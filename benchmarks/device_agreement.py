@@ -1,0 +1,71 @@
+"""CPU vs CUDA: the same model scored on the same items on both devices.
+
+Scores a random-weight HuBERT (``--preset base`` or ``tiny``, seeded) on the bundled corpus with
+``--metrics`` on the CPU and on ``--device`` (default cuda), both in float32 with TF32 off, and
+prints per probe and metric the largest |score difference| over layers next to the smallest spread
+(std over seeds) of the two runs: a difference well below the spread means the devices agree for
+every purpose the scores serve.
+
+    python benchmarks/device_agreement.py [--preset base] [--metrics pwcca,pwcca-centred,mi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build(path: Path, preset: str) -> None:
+    from layerprobe.models.native import save_native_checkpoint
+    from pretraining.model import build_model, model_args
+
+    torch.manual_seed(0)
+    args = model_args(preset, num_classes=100)
+    save_native_checkpoint(path, args, build_model(args).state_dict(), {"note": "random weights"})
+
+
+def score_on(model: Path, device: str, metrics: tuple[str, ...]) -> dict[str, object]:
+    from layerprobe.config import AnalysisConfig
+    from layerprobe.score import score_model
+
+    config = AnalysisConfig(device=device, metrics=metrics)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = score_model(model, None, config, progress=False, skip_failed=True)
+    print(f"{device}: {time.perf_counter() - start:.1f} s", flush=True)
+    return {f"{r.probe}/{r.metric}": r for r in results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="base", choices=("base", "tiny"))
+    parser.add_argument("--metrics", default="pwcca,pwcca-centred,mi")
+    parser.add_argument("--device", default="cuda", help="the device compared with the CPU")
+    a = parser.parse_args()
+    metrics = tuple(a.metrics.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.pt"
+        build(model, a.preset)
+        cpu = score_on(model, "cpu", metrics)
+        other = score_on(model, a.device, metrics)
+    print(f"\nrandom {a.preset} HuBERT, bundled corpus: CPU vs {a.device}")
+    print(f"{'probe/metric':<22} {'max |diff|':>11} {'min std':>9} {'diff / std':>11}")
+    for key, ref in cpu.items():
+        if key not in other:
+            print(f"{key:<22} scored on the CPU only")
+            continue
+        diff = np.abs(np.subtract(ref.scores, other[key].scores)).max()
+        stds = [s for r in (ref, other[key]) if r.std for s in r.std]
+        spread = min(stds) if stds else float("nan")
+        print(f"{key:<22} {diff:>11.2e} {spread:>9.2e} {diff / spread:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()
