@@ -162,7 +162,7 @@ def agreement(device: str, seeds: int, lloyd: bool) -> None:
         print(f"\n=== {name}: {runs[name]}")
         for ours, ref in zip(scored[name], scored["sklearn"], strict=True):
             n_train = ours.details["n_train"]
-            kind = "Lloyd" if runs[name].batch_size in (0,) or \
+            kind = "Lloyd" if runs[name].batch_size == 0 or \
                 runs[name].batch_size >= n_train else "mini-batch"
             print(f"\n{ours.probe} MI, {ours.details['n_clusters']} clusters "
                   f"({ours.details['n_clusters_rule']}), {n_train} train items ({kind}), "

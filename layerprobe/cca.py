@@ -442,8 +442,9 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
         z = torch.zeros(g, dtype=fit.proj_x.dtype, device=dev)
         return _Scored(z, torch.zeros(g, dtype=torch.long, device=dev), fit.ok.clone(), z[:, None])
     idx = torch.as_tensor(fit.layers, device=dev)
-    mx, my = fit.mask_x.to(dev), fit.mask_y.to(dev)
     allx, ally = bool(fit.mask_x.all()), bool(fit.mask_y.all())  # host masks: no sync
+    mx = None if allx else fit.mask_x.to(dev)
+    my = None if ally else fit.mask_y.to(dev)
     all_layers = fit.layers == list(range(data.n_layers))
     cxx = data.cxx if all_layers else data.cxx.index_select(0, idx)  # no 13 x dx^2 copy
     cxy = data.cxy if all_layers else data.cxy.index_select(0, idx)

@@ -208,11 +208,12 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
     R, trials = first.shape[0], uniforms.shape[-1]
     dev = x.device
     layer = torch.arange(L, device=dev)[:, None]
-    x_sq = x.pow(2).sum(-1)  # [L, m]
+    x_sq = x.pow(2).sum(-1) if dist is None else None  # [L, m]
 
     def sq_distances(rows: torch.Tensor) -> torch.Tensor:  # row ids [L, q] → [L, q, m]
         if dist is not None:
             return dist[layer, rows]
+        assert x_sq is not None
         c = x[layer, rows]
         xc = torch.bmm(c, x.mT)
         return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)

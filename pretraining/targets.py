@@ -105,17 +105,11 @@ class LayerFeatures:
         return next(self.iter([(0, waveform)]))[1]
 
 
-def frame_features(waveform: torch.Tensor, model_args: dict[str, Any],
-                   extractor: LayerFeatures | None) -> torch.Tensor:
-    """Target features at the model frame rate: MFCC (``extractor`` None) or layer features."""
-    n = num_frames(model_args, waveform.numel())
-    if extractor is None:
-        _, hop = receptive_field(model_args)
-        return subsample_to_model_rate(mfcc_features(waveform), n, hop)
-    feats = extractor(waveform)
-    if feats.shape[0] < n:
-        raise ValueError(f"layer features have {feats.shape[0]} frames, the model {n}")
-    return feats[:n]
+def mfcc_frame_features(waveform: torch.Tensor, model_args: dict[str, Any]) -> torch.Tensor:
+    """MFCC target features at the model frame rate: [num_frames(n), 39]."""
+    _, hop = receptive_field(model_args)
+    return subsample_to_model_rate(mfcc_features(waveform),
+                                   num_frames(model_args, waveform.numel()), hop)
 
 
 def fit_kmeans(features: torch.Tensor, n_clusters: int, config: KMeansConfig, seed: int, *,
@@ -203,7 +197,7 @@ def utterance_features(indices: Sequence[int], load: Callable[[int], torch.Tenso
     items = readable(indices, load, utterance_ids, skipped)
     if extractor is None:
         for i, wave in items:
-            yield i, frame_features(wave, model_args, None)
+            yield i, mfcc_frame_features(wave, model_args)
         return
     lengths: dict[int, int] = {}
 
