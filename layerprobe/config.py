@@ -13,7 +13,8 @@ from layerprobe.probes import ProbeConfig
 from layerprobe.registry import ALL_METRICS, CCA_METRICS, PROBES
 
 DEFAULT_PROBES = PROBES
-__all__ = ["ALL_METRICS", "CCA_METRICS", "DEFAULT_PROBES", "AnalysisConfig", "read_toml"]
+__all__ = ["ALL_METRICS", "CCA_METRICS", "DEFAULT_PROBES", "AnalysisConfig", "check_types",
+           "read_toml"]
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,14 @@ class AnalysisConfig:
         mi = dict(data.get("mi", {}))
         kmeans_fields = {f.name for f in dataclasses.fields(KMeansConfig)}
         kmeans = {k: mi.pop(k) for k in list(mi) if k in kmeans_fields}
+        check_types(kmeans, KMeansConfig, "[mi]")
         kw["mi_kmeans"] = KMeansConfig(**kmeans)
         _take(mi, kw, {"phone_clusters": "phone_clusters", "word_clusters": "word_clusters"},
               "mi")
         _take(dict(data.get("model", {})), kw, {"batch_seconds": "batch_seconds",
                                                 "max_chunk_seconds": "max_chunk_seconds",
                                                 "device": "device", "bf16": "bf16"}, "model")
+        check_types(kw, cls, "analysis config")
         return cls(**kw)
 
 
@@ -139,6 +142,27 @@ def read_toml(path: str | Path, *, what: str) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: invalid TOML ({err})") from err
+
+
+def check_types(values: dict[str, Any], kind: type, where: str) -> None:
+    """Each value has the type of its dataclass field's default (true/false for a bool, an integer
+    for an int, any number for a float, a string, a list for a tuple); else a ValueError naming
+    ``where``, the key and the value. Fields without such a default are not checked."""
+    expected = ((bool, (bool,), "true or false"), (int, (int,), "an integer"),
+                (float, (int, float), "a number"), (str, (str,), "a string"),
+                (tuple, (list, tuple), "a list"))
+    for f in dataclasses.fields(kind):
+        if f.name not in values:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        value = values[f.name]
+        for field_type, accepted, words in expected:
+            if isinstance(default, field_type):
+                if not isinstance(value, accepted) or \
+                        (field_type is not bool and isinstance(value, bool)):
+                    raise ValueError(f"{where}: {f.name} = {value!r} must be {words}")
+                break
 
 
 def _take(table: dict[str, Any], out: dict[str, Any], names: dict[str, str], section: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerprobe.config import read_toml
+from layerprobe.config import check_types, read_toml
 from layerprobe.kmeans import KMeansConfig as LayerprobeKMeansConfig
 
 SCHEDULES = ("original", "uniform", "progressive", "progressive-cluster")
@@ -181,6 +181,7 @@ class PretrainConfig:
             if bad:
                 raise ValueError(f"{source}: unknown key(s) {bad} in [{name}]; "
                                  f"known: {sorted(known)}")
+            check_types(table, kind, f"{source}: [{name}]")
             try:
                 kw[name] = kind(**table)
             except (TypeError, ValueError) as err:

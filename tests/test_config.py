@@ -53,6 +53,9 @@ def test_replace_reaches_probe_fields():
         ("[extra]\n", r"unknown section\(s\) \['extra'\]"),
         ('[cca]\nmetric = "nope"\n', "unknown metric"),
         ("[corpus\n", "invalid TOML"),
+        ('[model]\nbf16 = "yes"\n', "bf16 = 'yes' must be true or false"),
+        ('[mi]\nbatch_size = "big"\n', r"\[mi\]: batch_size = 'big' must be an integer"),
+        ("[cca]\nn_seeds = true\n", "n_seeds = True must be an integer"),
     ],
 )
 def test_bad_config_names_file_and_problem(tmp_path, text, message):

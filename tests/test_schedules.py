@@ -104,3 +104,19 @@ def test_schedules_config_rejects_unknown_keys(tmp_path):
     bad.write_text("[schedule]\nname = 'zigzag'\n")
     with pytest.raises(ValueError, match="zigzag"):
         PretrainConfig.from_toml(bad)
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("[train]\ncompile = 'maybe'", r"\[train\]: compile = 'maybe' must be true or false"),
+    ("[train]\ngrad_accum = 2.5", r"\[train\]: grad_accum = 2.5 must be an integer"),
+    ("[kmeans]\ntol = 'low'", r"\[kmeans\]: tol = 'low' must be a number"),
+    ("[train]\nbetas = 0.9", r"\[train\]: betas = 0.9 must be a list"),
+])
+def test_schedules_config_rejects_values_of_the_wrong_type(tmp_path, table, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(table + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        PretrainConfig.from_toml(bad)
+    assert "bad.toml" in str(info.value)
+    bad.write_text("[train]\nlr = 1\n")  # an integer where a float is expected is a number
+    assert PretrainConfig.from_toml(bad).train.lr == 1
