@@ -149,14 +149,15 @@ def _thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     took 30 ms a call, two thirds of the fits' device time. (The QR alone was faster on the
     device there, 3 ms against 7 ms on the host; this split was not timed.)"""
     host = m.cpu()
-    if host.shape[-2] >= host.shape[-1]:
-        q, r = torch.linalg.qr(host)
-        ur, _, vh = torch.linalg.svd(r)
-        u = q @ ur
-    else:
-        q, r = torch.linalg.qr(host.mT)
-        u, _, vhr = torch.linalg.svd(r.mT)
-        vh = vhr @ q.mT
+    with _cpu_threads(1):  # small LAPACK calls: see _cpu_threads
+        if host.shape[-2] >= host.shape[-1]:
+            q, r = torch.linalg.qr(host)
+            ur, _, vh = torch.linalg.svd(r)
+            u = q @ ur
+        else:
+            q, r = torch.linalg.qr(host.mT)
+            u, _, vhr = torch.linalg.svd(r.mT)
+            vh = vhr @ q.mT
     return u.to(m.device), vh.to(m.device)
 
 
@@ -188,10 +189,11 @@ def null_basis(s: torch.Tensor, *, tol: float = NULL_TOL, iterations: int = 3,
     m = min(block, d)
     while True:
         r = torch.randn(d, m, generator=gen, dtype=s.dtype).to(s.device).expand(g, d, m)
-        for _ in range(iterations):
-            r = torch.linalg.qr(torch.cholesky_solve(r, chol)).Q
-        t = r.mT @ s @ r
-        theta, w = torch.linalg.eigh(0.5 * (t + t.mT))
+        with _cpu_threads(1 if s.device.type == "cpu" else None):  # thin blocks: small calls
+            for _ in range(iterations):
+                r = torch.linalg.qr(torch.cholesky_solve(r, chol)).Q
+            t = r.mT @ s @ r
+            theta, w = torch.linalg.eigh(0.5 * (t + t.mT))
         count = ((theta <= tol * scale[:, None]) & (info == 0)[:, None]).sum(-1)
         if int(count.max()) < m or m == d:
             break
@@ -283,7 +285,8 @@ class _Factors:
             if basis.shape[-1]:
                 sub = _remove(_remove(sub, basis).T, basis)
                 sub = 0.5 * (sub + sub.T)
-            self._y[key] = (sub, basis, count, torch.linalg.eigh(sub))
+            with _cpu_threads(1 if sub.device.type == "cpu" else None):
+                self._y[key] = (sub, basis, count, torch.linalg.eigh(sub))
         return self._y[key]
 
     def _cross(self, layers: list[int], mask_x: torch.Tensor, mask_y: torch.Tensor):
@@ -490,17 +493,18 @@ def _score(fit: _Fit, data: CentredStats, metric: str) -> _Scored:
             ddt = ddt * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(1 - keep)
             dat = dat * keep[:, :, None]
         ddt = 0.5 * (ddt + ddt.mT)
-        chol, info = torch.linalg.cholesky_ex(ddt)
-        pivots = torch.diagonal(chol, dim1=-2, dim2=-1) ** 2
-        dependent = (info != 0) | (pivots <= DEPENDENT_TOL
-                                   * torch.diagonal(ddt, dim1=-2, dim2=-1)).any(-1)
-        chol = torch.where(dependent[:, None, None],
-                           torch.eye(k, dtype=chol.dtype, device=dev).expand(g, k, k), chol)
-        z = torch.linalg.solve_triangular(chol, dat, upper=False)
-        for j in torch.nonzero(dependent).flatten().tolist():
-            # rank-deficient variates (e.g. a class absent from this split): Gram-Schmidt that
-            # gives linearly dependent variates no basis vector (weight 0)
-            z[j] = _orthonormal_products_skipping_dependent(ddt[j], dat[j])
+        with _cpu_threads(1 if dev.type == "cpu" else None):  # k x k factors: small calls
+            chol, info = torch.linalg.cholesky_ex(ddt)
+            pivots = torch.diagonal(chol, dim1=-2, dim2=-1) ** 2
+            dependent = (info != 0) | (pivots <= DEPENDENT_TOL
+                                       * torch.diagonal(ddt, dim1=-2, dim2=-1)).any(-1)
+            chol = torch.where(dependent[:, None, None],
+                               torch.eye(k, dtype=chol.dtype, device=dev).expand(g, k, k), chol)
+            z = torch.linalg.solve_triangular(chol, dat, upper=False)
+            for j in torch.nonzero(dependent).flatten().tolist():
+                # rank-deficient variates (e.g. a class absent from this split): Gram-Schmidt
+                # that gives linearly dependent variates no basis vector (weight 0)
+                z[j] = _orthonormal_products_skipping_dependent(ddt[j], dat[j])
         w = z.abs().sum(-1)
         wsum = w.sum(-1, keepdim=True)
         ok = ok & (wsum.squeeze(-1) > 0) & torch.isfinite(w).all(-1)
@@ -560,8 +564,7 @@ def cca_similarity(x, y, *, eps=(0.0, 0.0), fit=None, metric: str = "pwcca",
     train = mom.centred([0])
     data = train if fit is None else mom.centred([1])
     out = np.empty(L)
-    with _cpu_threads(1 if mom.device.type == "cpu" else None):
-        fits = _Factors(train).fit(ex, ey, range(L))
+    fits = _Factors(train).fit(ex, ey, range(L))
     for f in fits:
         sc = _score(f, data, metric)
         for j, layer in enumerate(f.layers):
@@ -787,14 +790,14 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
                       f" dimensions): below {MIN_ITEMS_PER_DIMENSION:g} the ranking of layers "
                       "was measured to be noise; read scores with their std, or use more data",
                       UserWarning, stacklevel=2)
-    on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
+    # large [L, d, d] products and factorisations use torch's thread count; small LAPACK calls
+    # run on one thread (_cpu_threads)
     runs = []
-    with _cpu_threads(1 if on_cpu else None):
-        nulls = _null_directions(moments, device) if metric not in ("cka", "svcca") else None
-        for index in range(n_seeds):
-            groups = shard_groups(moments.n_splits, n_splits, index, seed)
-            runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
-                                  device, n_pairs, nulls))
+    nulls = _null_directions(moments, device) if metric not in ("cka", "svcca") else None
+    for index in range(n_seeds):
+        groups = shard_groups(moments.n_splits, n_splits, index, seed)
+        runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
+                              device, n_pairs, nulls))
     for run in runs:
         run.details["items_per_dimension"] = round(per_dim, 3)
     if n_seeds == 1:

@@ -170,18 +170,19 @@ class Moments:
         if int(split_t.min()) < 0 or int(split_t.max()) >= self.n_splits:
             raise ValueError(f"Moments.update: split ids must lie in [0, {self.n_splits}), got "
                              f"[{int(split_t.min())}, {int(split_t.max())}]")
-        if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
-            _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
         _check_finite(y, name="Moments.update: y", layered=False)
         single = bool((split_t == split_t[0]).all())
         if block and not single:
             raise ValueError("Moments.update: block=True needs rows of a single split")
         if (block or n >= self.buffer_rows) and single:
-            # a block of one split: fold it in directly (no buffer copy, one big Gram)
+            # a block of one split: fold it in directly (no buffer copy, one big Gram); its row
+            # sums, computed there first, serve as the finiteness check
             self.flush()
             with _cpu_threads(1 if self.device.type == "cpu" else None):
-                self._add_block(x, y, int(split_t[0]))
+                self._add_block(x, y, int(split_t[0]), check=True)
             return
+        if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
+            _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
         buf_dtype = self.dtype if x.dtype in (torch.float64, self.dtype) else torch.float32
         if self._buf_x is not None and \
                 torch.promote_types(buf_dtype, self._buf_x.dtype) != self._buf_x.dtype:
@@ -237,16 +238,20 @@ class Moments:
             self._add_block(xs_all[:, start:start + c], ys_all[start:start + c], s)
             start += c
 
-    def _add_block(self, x: torch.Tensor, y: torch.Tensor, s: int) -> None:
-        """Add rows x ``[L, c, dx]``, y ``[c, dy]`` of split ``s`` (the Gram matmuls use the
-        caller's thread count)."""
+    def _add_block(self, x: torch.Tensor, y: torch.Tensor, s: int, check: bool = False) -> None:
+        """Add rows x ``[L, c, dx]``, y ``[c, dy]`` of split ``s`` (the Gram matmuls and row sums
+        use the caller's thread count); ``check``: raise on non-finite x before changing any
+        statistic."""
         xs = x.to(self.dtype)
         ys = y.to(self.dtype)
         with _cpu_threads(self._threads):
+            row_sums = xs.sum(dim=1)
+            if check and not bool(torch.isfinite(row_sums).all()):
+                _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
             self.xx[s].baddbmm_(xs.mT, xs)
             self.xy[s].add_(torch.matmul(xs.mT, ys))
         self.yy[s].addmm_(ys.T, ys)
-        self.sum_x[s].add_(xs.sum(dim=1))
+        self.sum_x[s].add_(row_sums)
         self.sum_y[s].add_(ys.sum(dim=0))
         self.count[s] += xs.shape[1]
         self._total = None
@@ -291,17 +296,18 @@ class Moments:
         n = int(self.count[idx].sum())
         if n < 2:
             raise ValueError(f"Moments.centred: splits {idx} hold {n} item(s); need at least 2")
-        sx, sy, gxx, gxy, gyy = self._sums(idx)
+        sx, sy, gxx, gxy, gyy = self._sums(idx)  # fresh tensors: centred in place
         mx, my = sx / n, sy / n
-        cxx = gxx - torch.einsum("li,lj->lij", sx, mx)
-        cxy = gxy - torch.einsum("li,j->lij", sx, my)
-        cyy = gyy - torch.outer(sy, my)
-        cxx = 0.5 * (cxx + cxx.mT)
-        cyy = 0.5 * (cyy + cyy.T)
+        cxx = gxx.baddbmm_(sx[:, :, None], mx[:, None, :], alpha=-1)
+        cxy = gxy.baddbmm_(sx[:, :, None], my.expand(len(sx), 1, -1), alpha=-1)
+        cyy = gyy.addr_(sy, my, alpha=-1)
+        cxx = torch.add(cxx, cxx.mT).mul_(0.5)
+        cyy = torch.add(cyy, cyy.T).mul_(0.5)
         return CentredStats(n, mx, my, cxx, cxy, cyy)
 
     def _sums(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        """Raw sums over splits idx (as total minus the rest when that is fewer additions)."""
+        """Raw sums over splits idx, as new tensors (as total minus the rest when that is fewer
+        additions)."""
         names = ("sum_x", "sum_y", "xx", "xy", "yy")
         rest = [s for s in range(self.n_splits) if s not in idx]
         if len(rest) + 1 < len(idx):
@@ -314,8 +320,14 @@ class Moments:
                     t -= getattr(self, k)[s]
                 out.append(t)
             return tuple(out)
-        sel = torch.as_tensor(idx, device=self.device)
-        return tuple(getattr(self, k).index_select(0, sel).sum(0) for k in names)
+        out = []
+        for k in names:
+            a = getattr(self, k)
+            t = a[idx[0]].clone()
+            for s in idx[1:]:
+                t += a[s]
+            out.append(t)
+        return tuple(out)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

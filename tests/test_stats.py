@@ -114,6 +114,8 @@ def test_update_errors_name_the_problem():
     x[0, 3, 3] = np.nan
     with pytest.raises(ValueError, match=r"layer\(s\) \[0, 2\]"):
         m.update(x, y, split)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[0, 2\]"):  # a block: checked on its sums
+        m.update(x[:, :20], y[:20], np.zeros(20, dtype=int), block=True)
     y[0, 0] = np.nan
     with pytest.raises(ValueError, match="y: non-finite"):
         m.update(x[:, :0], y[:0], split[:0]) or m.update(np.zeros((3, 500, 6)), y, split)
