@@ -218,23 +218,22 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
         xc = torch.bmm(c, x.mT)
         return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
 
-    centroids = torch.empty(R, L, k, d, dtype=x.dtype, device=dev)
-    centroids[:, :, 0] = x[:, first].transpose(0, 1)
+    rows = torch.empty(k, L, R, dtype=torch.int64, device=dev)  # the chosen rows
+    rows[0] = first
     closest = sq_distances(first.expand(L, R))  # [L, R, m]
     for j in range(1, k):
-        weights = closest.double()
-        total = weights.sum(-1, keepdim=True)
+        cum = closest.cumsum(-1, dtype=torch.float64)
+        total = cum[..., -1:]
+        picks = torch.searchsorted(cum, (uniforms[j] * total).contiguous()).clamp_max_(m - 1)
         # all rows already centroids (duplicates): pick uniformly
-        weights = torch.where(total > 0, weights, torch.ones_like(weights))
-        cum = weights.cumsum(-1)
-        target = (uniforms[j] * cum[..., -1:]).contiguous()  # [L, R, trials]
-        picks = torch.searchsorted(cum, target).clamp_max_(m - 1)
+        uniform = (torch.ceil(uniforms[j] * m).long() - 1).clamp_(0, m - 1)
+        picks = torch.where(total > 0, picks, uniform)  # [L, R, trials]
         after = torch.minimum(closest[:, :, None],
                               sq_distances(picks.flatten(1, 2)).view(L, R, trials, m))
         best = after.sum(-1, dtype=torch.float64).argmin(-1, keepdim=True)  # [L, R, 1]
-        chosen = picks.gather(2, best)[..., 0]  # [L, R] row ids
-        centroids[:, :, j] = x[layer, chosen].transpose(0, 1)
+        rows[j] = picks.gather(2, best)[..., 0]
         closest = after.gather(2, best[..., None].expand(L, R, 1, m))[:, :, 0]
+    centroids = x[torch.arange(L, device=dev)[None, :, None], rows.permute(2, 1, 0)]
     return centroids
 
 
