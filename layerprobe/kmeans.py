@@ -293,54 +293,65 @@ def _reassign_starved(xb: torch.Tensor, centroids: torch.Tensor, counts: torch.T
 def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's mini-batch steps (batches of rows drawn with replacement, shared by the
-    layers; random reassignment of starved centroids); a layer stops (frozen) after
-    ``max_no_improvement`` steps without a better smoothed batch inertia."""
+    layers; random reassignment of starved centroids); a layer stops after
+    ``max_no_improvement`` steps without a better smoothed batch inertia and leaves the batch
+    (its centroids final), so later steps compute only the layers still running."""
     L, n, d = x.shape
     k = centroids.shape[1]
     b = min(config.batch_size, n)
-    counts = torch.zeros(L, k, dtype=torch.float32, device=x.device)
-    best_ewa = torch.full((L,), math.inf, dtype=torch.float64, device=x.device)
-    ewa = None
-    stale = torch.zeros(L, dtype=torch.int64, device=x.device)
-    active = torch.ones(L, dtype=torch.bool, device=x.device)
-    steps = torch.zeros(L, dtype=torch.int64, device=x.device)
-    since_reassign = torch.zeros(L, dtype=torch.int64, device=x.device)  # rows seen since
+    dev = x.device
+    out, out_steps = centroids.clone(), torch.zeros(L, dtype=torch.int64, device=dev)
+    # the state of the running layers only (index ``live`` into the L layers)
+    live = torch.arange(L, device=dev)
+    counts = torch.zeros(L, k, dtype=torch.float32, device=dev)
+    best_ewa = torch.full((L,), math.inf, dtype=torch.float64, device=dev)
+    ewa = torch.zeros(L, dtype=torch.float64, device=dev)
+    stale = torch.zeros(L, dtype=torch.int64, device=dev)
+    steps = torch.zeros(L, dtype=torch.int64, device=dev)
+    since_reassign = torch.zeros(L, dtype=torch.int64, device=dev)  # rows seen since
     alpha = min(1.0, 2.0 * b / (n + 1))
     x = x.contiguous()
     x_sq = x.pow(2).sum(-1)  # [L, n]
-    offsets = torch.arange(L, device=x.device)[:, None] * n
-    xb = torch.empty(L, b, d, dtype=x.dtype, device=x.device)  # reused: no allocation a step
+    xb_all = torch.empty(L, b, d, dtype=x.dtype, device=dev)  # reused: no allocation a step
     for step in range(max(1, config.max_iter * n // b)):
-        rows = torch.randint(n, (b,), generator=gen, device=x.device)
-        torch.index_select(x.view(L * n, d), 0, (rows + offsets).flatten(), out=xb.view(L * b, d))
+        rows = torch.randint(n, (b,), generator=gen, device=dev)
+        xb = xb_all[:live.numel()]
+        torch.index_select(x.view(L * n, d), 0, (rows + live[:, None] * n).flatten(),
+                           out=xb.view(-1, d))
         # reassign every 10 k rows, or when a centroid has taken no row yet (scikit-learn)
         since_reassign += b
-        due = active & ((counts == 0).any(-1) | (since_reassign >= 10 * k))
+        due = (counts == 0).any(-1) | (since_reassign >= 10 * k)
         since_reassign = torch.where(due, torch.zeros_like(since_reassign), since_reassign)
         ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False,
                                    x_sq=x_sq.index_select(1, rows))
         batch_inertia = dist.double().mean(-1)
         sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
-        n_b *= active[:, None]
         counts += n_b
         # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
-        update = (sums - n_b[..., None] * centroids) / counts.clamp_min(1)[..., None]
-        centroids = torch.where(active[:, None, None], centroids + update, centroids)
+        centroids = centroids + (sums - n_b[..., None] * centroids) / \
+            counts.clamp_min(1)[..., None]
         if config.reassignment_ratio > 0:
             centroids, counts = _reassign_starved(xb, centroids, counts, due,
                                                   config.reassignment_ratio, gen)
-        steps += active.long()
+        steps += 1
         if step == 0:  # the first batch's inertia is that of the seeding: not monitored
             continue
-        ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+        ewa = batch_inertia if step == 1 else ewa * (1 - alpha) + batch_inertia * alpha
         better = ewa < best_ewa * (1.0 - config.tol)
         best_ewa = torch.where(better, ewa, best_ewa)
         stale = torch.where(better, torch.zeros_like(stale), stale + 1)
         if config.max_no_improvement:
-            active &= stale < config.max_no_improvement
-            if not bool(active.any()):
-                break
-    return centroids, steps
+            done = stale >= config.max_no_improvement
+            if bool(done.any()):  # these layers leave the batch
+                out[live[done]], out_steps[live[done]] = centroids[done], steps[done]
+                going = ~done
+                live, centroids, counts, best_ewa, ewa, stale, steps, since_reassign, x_sq = (
+                    t[going] for t in (live, centroids, counts, best_ewa, ewa, stale, steps,
+                                       since_reassign, x_sq))
+                if live.numel() == 0:
+                    break
+    out[live], out_steps[live] = centroids, steps
+    return out, out_steps
 
 
 def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: int = 0,
