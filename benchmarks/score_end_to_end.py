@@ -128,9 +128,43 @@ def kmeans_benchmark(layers: int, items: int, clusters: int, device: str, lloyd:
         print(f"  {name:<52} on {target:<6} {seconds[name]:8.1f} s   MI per layer "
               f"{[round(s, 3) for s in res.scores[:4]]}{' ...' if layers > 4 else ''}   "
               f"steps {res.details['kmeans_steps'][0][:4]}", flush=True)
+        if name.startswith("torch mini-batch"):
+            floor = gemm_floor(res.details, layers, int(train.sum()), items - int(train.sum()),
+                               dim, clusters, config, target)
+            print(f"  float32 GEMM floor of the mini-batch algorithm's distance matmuls "
+                  f"(seeding Gram, validation, steps, final and held-out assignments): "
+                  f"{floor:.1f} s; torch / floor = {seconds[name] / floor:.2f}")
     reference = seconds[list(runs)[-1]]
     for name in list(runs)[:-1]:
         print(f"sklearn / {name}: {reference / seconds[name]:.1f}x")
+    if "floor" in locals():
+        print(f"sklearn / GEMM floor: {reference / floor:.1f}x (the most any implementation of "
+              "this algorithm in float32 could gain here)")
+
+
+def gemm_floor(details: dict, layers: int, n_train: int, n_test: int, dim: int, k: int,
+               config, device: str) -> float:
+    """Seconds the mini-batch algorithm's float32 distance matmuls take at this machine's GEMM
+    rate (measured now on the step's shape): the seeding's ``[m, m]`` Gram, the validation of
+    ``n_init`` seedings, the mini-batch steps run and the assignments of the train and held-out
+    rows."""
+    b = min(config.batch_size, n_train)
+    m = min(n_train, 3 * b if 3 * b >= k else 3 * k)
+    steps = sum(details["kmeans_steps"][0])
+    flops = 2 * dim * (layers * m * m + config.n_init * layers * m * k + steps * b * k
+                       + layers * (n_train + n_test) * k)
+    a = torch.randn(layers, b, dim, device=device)
+    c = torch.randn(layers, dim, k, device=device)
+    torch.bmm(a, c)
+    reps, start = 20, time.perf_counter()
+    for _ in range(reps):
+        torch.bmm(a, c)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    rate = reps * 2 * layers * b * dim * k / (time.perf_counter() - start)
+    print(f"  distance matmuls: {flops / 1e9:.0f} GFLOP at {rate / 1e9:.0f} GFLOP/s "
+          f"(float32 bmm [{layers}, {b}, {dim}] x [{layers}, {dim}, {k}], timed now)")
+    return flops / rate
 
 
 def agreement(device: str, seeds: int, lloyd: bool) -> None:
