@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from layerprobe.cca import EPS_GRID, assign_splits, cca_score, cca_score_moments
+from layerprobe.cca import EPS_GRID, assign_splits, cca_score, cca_score_metrics, cca_score_moments
 from layerprobe.stats import Moments
 
 
@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--array", action="store_true",
                     help="also time the array entry point cca_score on a float64 [L, n, dx] array")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also time the fit-based metrics alone vs sharing the fits")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler tables of the protocol fits (after the timed run)")
     ap.add_argument("--threads", type=int, default=None,
@@ -186,6 +188,17 @@ def main() -> None:
         print(f"protocol fits again (warm, the libraries started): {warm:.2f} s = "
               f"{warm / (t1 - t0):.2f} x accumulate; engine / Gram floor, warm fits: "
               f"{(t1 - t0 + warm) / floor:.2f}")
+    if a.metrics:
+        fitted = ["pwcca", "pwcca-centred", "mean-cca"]
+        t = time.perf_counter()
+        alone = {m: cca_score_moments(mom, metric=m, device=a.device) for m in fitted}
+        separate = time.perf_counter() - t
+        t = time.perf_counter()
+        together = cca_score_metrics(mom, fitted, device=a.device)
+        shared = time.perf_counter() - t
+        same = all(together[m].scores == alone[m].scores for m in fitted)
+        print(f"{', '.join(fitted)}: one protocol each {separate:.2f} s, sharing the fits "
+              f"{shared:.2f} s ({separate / shared:.2f}x); scores identical: {same}")
     if a.profile:
         profile_fits(mom, a.device)
     if a.array:

@@ -77,7 +77,8 @@ from layerprobe.registry import CCA_METRICS
 from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
 
 __all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
-           "cca_score_moments", "pwcca", "cca_similarity", "null_basis", "shard_groups"]
+           "cca_score_metrics", "cca_score_moments", "pwcca", "cca_similarity", "null_basis",
+           "shard_groups"]
 
 EPS_GRID: tuple[float, ...] = (1e-10, 1e-11, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 METRICS: tuple[str, ...] = CCA_METRICS  # the names live in layerprobe.registry
@@ -564,7 +565,8 @@ def cca_similarity(x, y, *, eps=(0.0, 0.0), fit=None, metric: str = "pwcca",
     train = mom.centred([0])
     data = train if fit is None else mom.centred([1])
     out = np.empty(L)
-    fits = _Factors(train).fit(ex, ey, range(L))
+    with _cpu_threads(1 if mom.device.type == "cpu" and not _wide(mom) else None):
+        fits = _Factors(train).fit(ex, ey, range(L))
     for f in fits:
         sc = _score(f, data, metric)
         for j, layer in enumerate(f.layers):
@@ -665,52 +667,73 @@ def _stats_to(stats: CentredStats, device) -> CentredStats:
 def _run_trial(train: CentredStats, dev: CentredStats, test: CentredStats,
                pairs, metric: str, n_pairs: int, nulls: tuple | None = None) -> list[dict]:
     """Fit the eps pairs on train, choose on dev, score on test; one record per layer."""
+    return _run_trials(train, dev, test, pairs, {metric: [True] * train.n_layers}, n_pairs,
+                       nulls)[metric]
+
+
+def _run_trials(train: CentredStats, dev: CentredStats, test: CentredStats, pairs,
+                needs: dict[str, list[bool]], n_pairs: int, nulls: tuple | None = None
+                ) -> dict[str, list[dict]]:
+    """:func:`_run_trial` for several fit-based metrics sharing the fits: each eps pair is fitted
+    once for the layers any metric still needs (``needs[metric][layer]``), then scored on dev per
+    metric; each metric keeps its own first ``n_pairs`` working pairs and best fit, as alone.
+    Records of layers a metric does not need are ``{}``."""
     L = train.n_layers
     factors = _Factors(train, *(nulls or (None, None)))
-    n_ok = [0] * L
-    tried: list[list] = [[] for _ in range(L)]
-    failed: list[list] = [[] for _ in range(L)]
-    best: list = [None] * L
+    n_ok = {m: [0] * L for m in needs}
+    tried = {m: [[] for _ in range(L)] for m in needs}
+    failed = {m: [[] for _ in range(L)] for m in needs}
+    best: dict[str, list] = {m: [None] * L for m in needs}
     for ex, ey in pairs:
-        active = [layer for layer in range(L) if n_ok[layer] < n_pairs]
+        wanted = {m: {layer for layer in range(L) if needs[m][layer] and n_ok[m][layer] < n_pairs}
+                  for m in needs}
+        active = sorted(set().union(*wanted.values()))
         if not active:
             break
-        for f in factors.fit(ex, ey, active):
-            sc = _score(f, dev, metric)
-            oks, values = sc.ok.tolist(), sc.score.tolist()  # one host sync per fit
-            for j, layer in enumerate(f.layers):
-                if not oks[j]:
-                    failed[layer].append([ex, ey, f.reason[j] or "singular weights"])
+        for fit in factors.fit(ex, ey, active):
+            for m, want in wanted.items():
+                js = [j for j, layer in enumerate(fit.layers) if layer in want]
+                if not js:
                     continue
-                s = values[j]
-                n_ok[layer] += 1
-                tried[layer].append([ex, ey, s])
-                if best[layer] is None or s > best[layer][0]:
-                    best[layer] = (s, f, j)
-    records: list[dict] = [{} for _ in range(L)]
-    for layer in range(L):
-        if best[layer] is None:
-            records[layer] = {"ok": False, "reason": "every eps pair failed",
-                              "failed_pairs": failed[layer]}
-    by_fit: dict[int, tuple[_Fit, list[int]]] = {}
-    for layer in range(L):
-        if best[layer] is not None:
-            _, f, j = best[layer]
-            by_fit.setdefault(id(f), (f, []))[1].append(j)
-    for f, js in by_fit.values():
-        sub = f.select(js)
-        sc = _score(sub, test, metric)
-        oks, values, dead = sc.ok.tolist(), sc.score.tolist(), sc.dead.tolist()
-        for j, layer in enumerate(sub.layers):
-            rec = {"eps": list(sub.eps), "dev_score": best[layer][0], "dev_scores": tried[layer],
-                   "failed_pairs": failed[layer], "dead_directions": int(dead[j]),
-                   "k": int(sub.proj_x.shape[1])}
-            if oks[j]:
-                rec.update(ok=True, test_score=values[j])
-            else:
-                rec.update(ok=False, reason="scoring the test split failed")
-            records[layer] = rec
-    return records
+                f = fit if len(js) == len(fit.layers) else fit.select(js)
+                sc = _score(f, dev, m)
+                oks, values = sc.ok.tolist(), sc.score.tolist()  # one host sync per fit
+                for j, layer in enumerate(f.layers):
+                    if not oks[j]:
+                        failed[m][layer].append([ex, ey, f.reason[j] or "singular weights"])
+                        continue
+                    value = values[j]
+                    n_ok[m][layer] += 1
+                    tried[m][layer].append([ex, ey, value])
+                    if best[m][layer] is None or value > best[m][layer][0]:
+                        best[m][layer] = (value, f, j)
+    out = {}
+    for m in needs:
+        records: list[dict] = [{} for _ in range(L)]
+        for layer in range(L):
+            if needs[m][layer] and best[m][layer] is None:
+                records[layer] = {"ok": False, "reason": "every eps pair failed",
+                                  "failed_pairs": failed[m][layer]}
+        by_fit: dict[int, tuple[_Fit, list[int]]] = {}
+        for layer in range(L):
+            if best[m][layer] is not None:
+                _, f, j = best[m][layer]
+                by_fit.setdefault(id(f), (f, []))[1].append(j)
+        for f, js in by_fit.values():
+            sub = f.select(js)
+            sc = _score(sub, test, m)
+            oks, values, dead = sc.ok.tolist(), sc.score.tolist(), sc.dead.tolist()
+            for j, layer in enumerate(sub.layers):
+                rec = {"eps": list(sub.eps), "dev_score": best[m][layer][0],
+                       "dev_scores": tried[m][layer], "failed_pairs": failed[m][layer],
+                       "dead_directions": int(dead[j]), "k": int(sub.proj_x.shape[1])}
+                if oks[j]:
+                    rec.update(ok=True, test_score=values[j])
+                else:
+                    rec.update(ok=False, reason="scoring the test split failed")
+                records[layer] = rec
+        out[m] = records
+    return out
 
 
 def _pca_basis(c: torch.Tensor, keep: float) -> torch.Tensor:
@@ -775,8 +798,30 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
     re-dealt splits (needs at least 2 shards per split); scores are the mean over seeds and
     ``std`` their standard deviation (ddof 1), the protocol's own sampling spread.
     """
-    if metric not in METRICS:
-        raise ValueError(f"cca_score_moments: metric must be one of {METRICS}, got {metric!r}")
+    out = cca_score_metrics(moments, [metric], n_trials=n_trials, eps_grid=eps_grid, seed=seed,
+                            device=device, n_pairs=n_pairs, n_splits=n_splits,
+                            n_seeds=n_seeds)[metric]
+    if isinstance(out, ValueError):
+        raise out
+    return out
+
+
+def cca_score_metrics(moments: Moments, metrics: Sequence[str], *, n_trials: int = 3,
+                      eps_grid=EPS_GRID, seed: int = 0, device=None, n_pairs: int = N_PAIRS,
+                      n_splits: int | None = None, n_seeds: int = 1
+                      ) -> dict[str, CCAResult | ValueError]:
+    """:func:`cca_score_moments` for several metrics at once: ``pwcca``, ``pwcca-centred`` and
+    ``mean-cca`` share each trial's fits (the same projections; only the scoring differs), so
+    the fits are computed once, and each metric's scores equal its own run's. A metric that
+    cannot be scored maps to its ``ValueError``; an error common to all (bad arguments, too few
+    items) is raised."""
+    metrics = list(dict.fromkeys(metrics))
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"cca_score_moments: metric must be one of {METRICS}, got "
+                             f"{metric!r}")
+    if not metrics:
+        raise ValueError("cca_score_metrics: no metric given")
     n_splits = moments.n_splits if n_splits is None else int(n_splits)
     if n_seeds < 1:
         raise ValueError(f"cca_score_moments: n_seeds must be >= 1, got {n_seeds}")
@@ -785,28 +830,52 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
                          f"split; the moments have {moments.n_splits} slots for {n_splits} "
                          "splits")
     per_dim = items_per_dimension(moments, n_splits)
-    if metric != "cka" and per_dim < MIN_ITEMS_PER_DIMENSION:
+    if any(m != "cka" for m in metrics) and per_dim < MIN_ITEMS_PER_DIMENSION:
         warnings.warn(f"cca: {per_dim:.1f} train items per dimension ({moments.dx} + {moments.dy}"
                       f" dimensions): below {MIN_ITEMS_PER_DIMENSION:g} the ranking of layers "
                       "was measured to be noise; read scores with their std, or use more data",
                       UserWarning, stacklevel=2)
-    # large [L, d, d] products and factorisations use torch's thread count; small LAPACK calls
-    # run on one thread (_cpu_threads)
-    runs = []
-    nulls = _null_directions(moments, device) if metric not in ("cka", "svcca") else None
-    for index in range(n_seeds):
-        groups = shard_groups(moments.n_splits, n_splits, index, seed)
-        runs.append(_protocol(moments, groups, n_trials, eps_grid, seed + index, metric,
-                              device, n_pairs, nulls))
+    fitted = [m for m in metrics if m not in ("cka", "svcca")]
+    runs: dict[str, list] = {m: [] for m in metrics}
+    on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
+    with _cpu_threads(1 if on_cpu and not _wide(moments) else None):
+        nulls = _null_directions(moments, device) if fitted else None
+        for index in range(n_seeds):
+            groups = shard_groups(moments.n_splits, n_splits, index, seed)
+            for m, run in _protocol(moments, groups, n_trials, eps_grid, seed + index, metrics,
+                                    device, n_pairs, nulls).items():
+                runs[m].append(run)
+    return {m: _combine_seeds(m, runs[m], per_dim, seed, moments.n_layers) for m in metrics}
+
+
+WIDE_MIN_WORK = 2e9  # n_layers * dx^3 from which the CPU fits use torch's thread count
+
+
+def _wide(moments: Moments) -> bool:
+    """Whether the CPU fits run on torch's thread count (else one thread; small LAPACK calls
+    always run on one, see :func:`_cpu_threads`). Only large ``[L, dx, dx]`` factorisations
+    and products gain from the pool, and only on CPUs that are not oversubscribed; measured on
+    2 cores, 13 layers: at dx 768 two threads took 5.0 s against 7.8 s on one when the
+    machine was quiet, 11.9 s against 7.7 s with one busy process beside it, 23 s against 7.8 s
+    beside another 2-thread torch process; at dx 256 (0.7 s on one thread) they were 8x slower
+    beside it. Set ``torch.set_num_threads(1)`` (``--threads 1``) on a busy machine."""
+    return moments.n_layers * moments.dx ** 3 >= WIDE_MIN_WORK
+
+
+def _combine_seeds(metric: str, runs: list, per_dim: float, seed: int, n_layers: int
+                   ) -> CCAResult | ValueError:
+    """One metric's result over split seeds (mean, std), or the first seed's error."""
     for run in runs:
+        if isinstance(run, ValueError):
+            return run
         run.details["items_per_dimension"] = round(per_dim, 3)
-    if n_seeds == 1:
+    if len(runs) == 1:
         return runs[0]
     per_seed = np.array([r.scores for r in runs])  # [n_seeds, L]
     pooled = [[t for r in runs for t in r.details["test_scores"][layer]]
-              for layer in range(moments.n_layers)]
+              for layer in range(n_layers)]
     details = {**runs[0].details,
-               "spread": f"std over {n_seeds} split seeds (re-dealt shards, ddof 1)",
+               "spread": f"std over {len(runs)} split seeds (re-dealt shards, ddof 1)",
                "seed_scores": per_seed.tolist(),
                "std_trials": [float(np.std(t, ddof=1)) if len(t) > 1 else 0.0 for t in pooled],
                "seeds": [{"seed": seed + i, "chosen_eps": r.details["chosen_eps"],
@@ -825,13 +894,15 @@ def _null_directions(moments: Moments, device) -> tuple | None:
     return null_basis(total.cxx), tuple(t[0] for t in null_basis(total.cyy[None]))
 
 
-def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, seed, metric,
-              device, n_pairs, nulls: tuple | None = None) -> CCAResult:
+def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, seed,
+              metrics: list[str], device, n_pairs, nulls: tuple | None = None
+              ) -> dict[str, CCAResult | ValueError]:
+    """One split seed's trials for every metric (fit-based metrics share the fits)."""
     S, L = len(groups), moments.n_layers
     if n_trials < 1 or 2 * n_trials > S:
         raise ValueError(f"cca_score_moments: n_trials={n_trials} needs at least {2 * n_trials} "
                          f"splits, the moments have {S}")
-    if len(eps_grid) == 0 and metric != "cka":
+    if len(eps_grid) == 0 and any(m != "cka" for m in metrics):
         raise ValueError("cca_score_moments: eps_grid is empty")
     shard_counts = moments.counts
     counts = [sum(shard_counts[sh] for sh in group) for group in groups]
@@ -839,45 +910,62 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
     def centred(splits: list[int]) -> CentredStats:
         return _stats_to(moments.centred([sh for j in splits for sh in groups[j]]), device)
 
-    trials: list[list[dict]] = [[] for _ in range(L)]
-    skipped: list[list[dict]] = [[] for _ in range(L)]
+    trials = {m: [[] for _ in range(L)] for m in metrics}
+    skipped = {m: [[] for _ in range(L)] for m in metrics}
     for dev_s, test_s, pairs in _candidates(S, eps_grid, seed):
-        todo = [layer for layer in range(L) if len(trials[layer]) < n_trials]
-        if not todo:
+        todo = {m: [layer for layer in range(L) if len(trials[m][layer]) < n_trials]
+                for m in metrics}
+        union = sorted(set().union(*todo.values()))
+        if not union:
             break
         train_s = [s for s in range(S) if s not in (dev_s, test_s)]
         n_train = sum(counts[s] for s in train_s)
-        if metric != "cka" and n_train <= max(moments.dx, moments.dy):
+        if any(m != "cka" for m in metrics) and n_train <= max(moments.dx, moments.dy):
             raise ValueError(f"cca: trial (dev {dev_s}, test {test_s}): the train splits hold "
                              f"{n_train} items for {moments.dx} + {moments.dy} dimensions; need "
                              f"more items than dimensions in each view")
         for s, name in ((dev_s, "dev"), (test_s, "test")):
             if counts[s] < 2:
                 raise ValueError(f"cca: {name} split {s} holds {counts[s]} item(s); need >= 2")
-        test = centred([test_s]).layer(todo)
-        if metric == "cka":
-            recs = _cka_trial(test)
-        else:
-            train = centred(train_s).layer(todo)
-            dev = centred([dev_s]).layer(todo)
-            if metric == "svcca":
-                recs = _svcca_trial(train, dev, test, pairs, n_pairs)
-            else:
-                sub = None
-                if nulls is not None:
-                    idx = torch.as_tensor(todo, device=nulls[0][0].device)
-                    sub = (tuple(t.index_select(0, idx) for t in nulls[0]), nulls[1])
-                recs = _run_trial(train, dev, test, pairs, metric, n_pairs, sub)
-        for layer, rec in zip(todo, recs, strict=True):
-            rec = {"dev": dev_s, "test": test_s, **rec}
-            (trials if rec.pop("ok") else skipped)[layer].append(rec)
+        test = centred([test_s]).layer(union)
+        train = dev = None
+        if any(todo[m] for m in metrics if m != "cka"):
+            train = centred(train_s).layer(union)
+            dev = centred([dev_s]).layer(union)
+        records: dict[str, list[dict]] = {}
+        shared = {m: [layer in todo[m] for layer in union] for m in metrics
+                  if m not in ("cka", "svcca") and todo[m]}
+        if shared:
+            sub = None
+            if nulls is not None:
+                idx = torch.as_tensor(union, device=nulls[0][0].device)
+                sub = (tuple(t.index_select(0, idx) for t in nulls[0]), nulls[1])
+            records.update(_run_trials(train, dev, test, pairs, shared, n_pairs, sub))
+        if todo.get("svcca"):
+            records["svcca"] = _svcca_trial(train, dev, test, pairs, n_pairs)
+        if todo.get("cka"):
+            records["cka"] = _cka_trial(test)
+        for m, recs in records.items():
+            for layer, rec in zip(union, recs, strict=True):
+                if layer not in todo[m]:
+                    continue
+                rec = {"dev": dev_s, "test": test_s, **rec}
+                (trials[m] if rec.pop("ok") else skipped[m])[layer].append(rec)
+    return {m: _protocol_result(m, trials[m], skipped[m], n_trials, eps_grid, n_pairs, seed,
+                                counts, moments.n_splits, S) for m in metrics}
+
+
+def _protocol_result(metric: str, trials: list[list[dict]], skipped: list[list[dict]],
+                     n_trials: int, eps_grid, n_pairs: int, seed: int, counts: list[int],
+                     n_shards: int, S: int) -> CCAResult | ValueError:
+    """A metric's scores (mean test score over trials) and details, or why a layer failed."""
     scores = []
-    for layer in range(L):
+    for layer in range(len(trials)):
         if len(trials[layer]) < n_trials:
             why = "; ".join(f"dev {r['dev']} test {r['test']}: {r.get('reason')}"
                             for r in skipped[layer])
-            raise ValueError(f"cca: layer {layer}: only {len(trials[layer])} of {n_trials} "
-                             f"trials succeeded ({why})")
+            return ValueError(f"cca: layer {layer}: only {len(trials[layer])} of {n_trials} "
+                              f"trials succeeded ({why})")
         scores.append(float(np.mean([r["test_score"] for r in trials[layer]])))
     details = {
         "protocol": {"n_splits": S, "n_trials": n_trials, "eps_grid": [float(e) for e in eps_grid],
@@ -887,7 +975,7 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
                                  "pwcca-centred": "centred variates and dimensions"}.get(metric),
                      "svcca_variance": SVCCA_VARIANCE if metric == "svcca" else None},
         "n_per_split": counts,
-        "n_shards": moments.n_splits,
+        "n_shards": n_shards,
         "trials": trials,
         "skipped_trials": skipped,
         "test_scores": [[r["test_score"] for r in t] for t in trials],

@@ -41,6 +41,9 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop at the first bad utterance instead of skipping it")
     parser.add_argument("--batch-seconds", type=float, help="padded audio per forward batch")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's, one per core); 1 on a "
+                        "machine other jobs keep busy")
     parser.add_argument("--fairseq-pretrained", metavar="PATH",
                         help="pretrained fairseq checkpoint giving the architecture of a "
                         "fine-tuned one saved with w2v_args=None (default: its w2v_path)")
@@ -373,6 +376,13 @@ def _library_progress(show: bool) -> contextlib.AbstractContextManager:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
         hide = args.command in ("score", "compare") and args.no_progress
         with cli_warnings(), _library_progress(not hide):
             return int(args.func(args) or 0)

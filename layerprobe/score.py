@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import layerprobe
-from layerprobe.cca import cca_score_moments
+from layerprobe.cca import cca_score_metrics
 from layerprobe.config import AnalysisConfig
 from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
 from layerprobe.distributed import Dist, init_distributed, resolve_device
@@ -324,6 +324,7 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     layers = list(range(n_layers))
     results: list[Result] = []
     for name, state in states.items():
+        shared: dict = {}  # the probe's CCA metrics, computed together on first use (shared fits)
         for metric in (*cca_metrics, *(["mi"] if want_mi and state.probe.level == "segment"
                                        else [])):
             tic = time.perf_counter()
@@ -339,10 +340,14 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                 if metric == "mi":
                     results.append(_mi_result(state, config, device, common, meta, started))
                 else:
-                    cca = cca_score_moments(state.moments, n_trials=config.n_trials,
-                                            seed=config.seed, metric=metric, device=device,
-                                            n_splits=config.probe_config.n_splits,
-                                            n_seeds=config.n_seeds)
+                    if not shared:
+                        shared.update(cca_score_metrics(
+                            state.moments, cca_metrics, n_trials=config.n_trials,
+                            seed=config.seed, device=device,
+                            n_splits=config.probe_config.n_splits, n_seeds=config.n_seeds))
+                    cca = shared[metric]
+                    if isinstance(cca, ValueError):
+                        raise cca
                     results.append(Result(
                         **common, metric=metric, scores=[float(s) for s in cca.scores],
                         std=cca.std,

@@ -24,6 +24,7 @@ from layerprobe.cca import (
     CCAResult,
     assign_splits,
     cca_score,
+    cca_score_metrics,
     cca_score_moments,
     cca_similarity,
     pwcca,
@@ -385,3 +386,26 @@ def test_gram_schmidt_fallback_matches_qr_and_skips_dependent_variates():
     got = products(torch.tensor(dependent @ dependent.T), torch.tensor(dependent @ a.T)).numpy()
     assert np.all(got[2] == 0) and np.all(np.isfinite(got))
     np.testing.assert_allclose(np.abs(got[[0, 1, 3, 4]]), expected, rtol=1e-6)
+
+
+def test_metrics_scored_together_equal_each_metric_alone():
+    """pwcca, pwcca-centred and mean-cca share the fits in cca_score_metrics: every metric's
+    scores, spread and details equal its own run's."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(1600, 4, generator=gen)
+    x = torch.stack([z @ torch.randn(4, 12, generator=gen) * (layer + 1)
+                     + torch.randn(1600, 12, generator=gen) for layer in range(3)])
+    y = z @ torch.randn(4, 5, generator=gen) + torch.randn(1600, 5, generator=gen)
+    mom = Moments.empty(3, 12, 5, 20)
+    mom.update(x, y, torch.from_numpy(assign_splits(1600, n_splits=20, seed=0)))
+    metrics = ["pwcca", "mean-cca", "pwcca-centred", "cka", "svcca"]
+    together = cca_score_metrics(mom, metrics, n_splits=10, n_seeds=2)
+    assert list(together) == metrics
+    for metric in metrics:
+        alone = cca_score_moments(mom, metric=metric, n_splits=10, n_seeds=2)
+        assert together[metric].scores == alone.scores, metric
+        assert together[metric].std == alone.std, metric
+        assert together[metric].details == alone.details, metric
+    assert len(set(map(tuple, (together[m].scores for m in metrics)))) == len(metrics)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        cca_score_metrics(mom, ["pwcca", "nope"])

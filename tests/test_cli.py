@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -87,6 +88,21 @@ def test_a_figure_format_we_cannot_write_fails_before_scoring(tmp_path, capsys, 
     assert f"{tmp_path / 'f.jpg'}: figure must be .png, .pdf or .svg" in capsys.readouterr().err
     assert cli.main(["compare", "a.pt", "b.pt", "-o", str(tmp_path / "c.gif")]) == 1
     assert "c.gif: figure must be" in capsys.readouterr().err
+
+
+def test_threads_sets_torchs_pool_and_rejects_zero(tmp_path, capsys, no_scoring):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["score", "m.pt", "--out", str(tmp_path / "r.json"), "--threads",
+                         "0"]) == 1
+        assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+        with contextlib.suppress(AssertionError):  # set before the (refused) scoring
+            cli.main(["score", "m.pt", "--out", str(tmp_path / "r.json"), "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_append_to_a_broken_results_file_fails_before_scoring(tmp_path, capsys, no_scoring):
