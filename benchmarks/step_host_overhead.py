@@ -101,19 +101,26 @@ def count_ops(step) -> tuple[dict[str, tuple[int, int]], int, Counter]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="git revision of the current step")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset-width", action="store_true", help="Base width, not tiny")
-    parser.add_argument("--top", type=int, default=0, help="print the most frequent leaf ops")
+    parser.add_argument("--top", type=int, default=0,
+                        help="print the most frequent top-level ops")
+    parser.add_argument("--no-attention-dropout", action="store_true",
+                        help="attention dropout 0, so that SDPA on the CPU takes its fused kernel "
+                             "as CUDA's flash attention does with dropout (math path otherwise)")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device("cpu")
-    overrides = None if a.preset_width else TINY_WIDTH
+    overrides = {} if a.preset_width else dict(TINY_WIDTH)
+    if a.no_attention_dropout:
+        overrides["encoder_attention_dropout"] = 0.0
     impls = {f"baseline ({a.baseline})": module_at(a.baseline), "this tree": pretraining.model}
     print(f"torch {torch.__version__}, CPU {a.threads} thread(s); base depth, "
-          f"{'base' if a.preset_width else 'tiny'} width, batch {a.batch} x {a.seconds:g} s")
+          f"{'base' if a.preset_width else 'tiny'} width, batch {a.batch} x {a.seconds:g} s"
+          + (", attention dropout 0" if a.no_attention_dropout else ""))
     steps = {}
     for name, impl in impls.items():
         steps[name] = make_step("base", "new", batch=a.batch, seconds=a.seconds, device=device,

@@ -90,9 +90,11 @@ def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, dev
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
-            # foreach as torch picks on CUDA (and pretraining.train everywhere)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
-                                           foreach=True if kind == "new" else None)
+            if kind == "new" and hasattr(impl, "clip_grad_norm"):
+                impl.clip_grad_norm(model.parameters(), cfg.grad_clip)
+            else:  # foreach for the new step, as torch picks on CUDA
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
+                                               foreach=True if kind == "new" else None)
             opt.step()
         return loss
 
