@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--preset-width", action="store_true", help="Base width, not tiny")
     parser.add_argument("--top", type=int, default=0,
                         help="print the most frequent top-level ops")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (on the CPU), to count the casts it adds as on CUDA")
     parser.add_argument("--no-attention-dropout", action="store_true",
                         help="attention dropout 0, so that SDPA on the CPU takes its fused kernel "
                              "as CUDA's flash attention does with dropout (math path otherwise)")
@@ -120,11 +122,12 @@ def main() -> None:
     impls = {f"baseline ({a.baseline})": module_at(a.baseline), "this tree": pretraining.model}
     print(f"torch {torch.__version__}, CPU {a.threads} thread(s); base depth, "
           f"{'base' if a.preset_width else 'tiny'} width, batch {a.batch} x {a.seconds:g} s"
-          + (", attention dropout 0" if a.no_attention_dropout else ""))
+          + (", attention dropout 0" if a.no_attention_dropout else "")
+          + (", bf16 autocast" if a.bf16 else ""))
     steps = {}
     for name, impl in impls.items():
         steps[name] = make_step("base", "new", batch=a.batch, seconds=a.seconds, device=device,
-                                bf16=False, overrides=overrides, impl=impl)
+                                bf16=a.bf16, overrides=overrides, impl=impl)
         steps[name]()  # warm-up
         steps[name]()
     totals = {}
@@ -136,20 +139,30 @@ def main() -> None:
               f"{'/'.join(map(str, totals[name]))}; autograd nodes {nodes}")
         for op, n in names.most_common(a.top):
             print(f"    {n:5d}  {op}")
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in ("step", *PHASES)}
+                                                for name in steps}
     for _ in range(a.rounds):
         for name, step in steps.items():
-            tic = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - tic)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+            @contextlib.contextmanager
+            def timed(phase: str, into=times[name]):
+                tic = time.perf_counter()
+                yield
+                into[phase].append(time.perf_counter() - tic)
+
+            with timed("step"):
+                step(timed)
+    ms = {name: {p: statistics.median(t) * 1e3 for p, t in ts.items()}
+          for name, ts in times.items()}
     for name in steps:
-        print(f"{name:<22} {ms[name]:8.2f} ms/step (median of {a.rounds} interleaved rounds)")
+        print(f"{name:<22} {ms[name]['step']:8.2f} ms/step ("
+              + ", ".join(f"{p} {ms[name][p]:.2f}" for p in PHASES)
+              + f"; medians of {a.rounds} interleaved rounds)")
     base, ours = list(steps)
     print("ratio this tree / baseline: " + ", ".join(
         f"{kind} aten ops {totals[ours][i] / totals[base][i]:.3f}"
         for i, kind in enumerate(("top-level", "all", "leaf"))) +
-        f", ms/step {ms[ours] / ms[base]:.3f}")
+        f", ms/step {ms[ours]['step'] / ms[base]['step']:.3f}")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"
 
 LOGIT_TEMPERATURE = 0.1  # torchaudio's (and fairseq's) logit_temp
 MIN_MASKS = 2  # torchaudio's MaskGenerator and fairseq HuBERT: at least two spans per utterance
+IGNORED = -100  # the target of unmasked frames in the step's cross-entropy
 
 
 def span_mask(batch: int, frames: int, *, mask_prob: float, mask_length: int,
@@ -289,12 +290,12 @@ class PretrainStep(torch.nn.Module):
         proj = head.final_proj(x)
         with torch.autocast(proj.device.type, enabled=False):
             logits = masked_logits(proj.float(), head.label_embeddings.float())
-            ce = F.cross_entropy(logits, labels.flatten(), reduction="none")
-            weight = mask.flatten().float()
-            n_masked = weight.sum().clamp(min=1.0)
-            ce_masked = (ce * weight).sum() / n_masked
-            hits = (logits.detach().argmax(dim=-1).flatten() == labels.flatten()).float()
-            acc = (hits * weight).sum() / n_masked
+            # unmasked frames get the ignored target: no weights to multiply in and out
+            target = torch.where(mask.flatten(), labels.flatten(), IGNORED)
+            n_masked = mask.sum().clamp(min=1)
+            ce_masked = F.cross_entropy(logits, target, ignore_index=IGNORED,
+                                        reduction="sum") / n_masked
+            acc = (logits.detach().argmax(dim=-1) == target).sum() / n_masked
             loss = ce_masked + self.feature_penalty_weight * feature_pen
         return loss, ce_masked.detach(), acc, feature_pen.detach()
 
