@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import importlib.util
+import pstats
 import statistics
 import subprocess
 import sys
@@ -79,6 +81,15 @@ def _inside_aten(event) -> bool:
     return False
 
 
+def python_calls(step) -> int:
+    """Python function calls (cProfile's count, builtins included) of one step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    return pstats.Stats(prof).total_calls
+
+
 def count_ops(step) -> tuple[dict[str, tuple[int, int]], int, Counter]:
     """({phase: (top-level, all, leaf aten ops)}, autograd nodes, top-level op names) of a step."""
     counts: dict[str, tuple[int, int, int]] = {}
@@ -130,13 +141,15 @@ def main() -> None:
                                 bf16=a.bf16, overrides=overrides, impl=impl)
         steps[name]()  # warm-up
         steps[name]()
-    totals = {}
+    totals, calls = {}, {}
     for name, step in steps.items():
         counts, nodes, names = count_ops(step)
         totals[name] = tuple(sum(c[i] for c in counts.values()) for i in range(3))
         parts = ", ".join(f"{p} {'/'.join(map(str, counts[p]))}" for p in PHASES)
+        calls[name] = python_calls(step)
         print(f"{name:<22} aten ops (top-level/all/leaf): {parts}; total "
-              f"{'/'.join(map(str, totals[name]))}; autograd nodes {nodes}")
+              f"{'/'.join(map(str, totals[name]))}; autograd nodes {nodes}; "
+              f"Python calls {calls[name]}")
         for op, n in names.most_common(a.top):
             print(f"    {n:5d}  {op}")
     times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in ("step", *PHASES)}
@@ -162,6 +175,7 @@ def main() -> None:
     print("ratio this tree / baseline: " + ", ".join(
         f"{kind} aten ops {totals[ours][i] / totals[base][i]:.3f}"
         for i, kind in enumerate(("top-level", "all", "leaf"))) +
+        f", Python calls {calls[ours] / calls[base]:.3f}" +
         f", ms/step {ms[ours]['step'] / ms[base]['step']:.3f}")
 
 

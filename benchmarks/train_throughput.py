@@ -63,6 +63,7 @@ def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, dev
     model = build_model(args).to(device).train()
     cfg = TrainConfig(bf16=bf16)
     opt, _ = make_optimizer(model, cfg, 1000, fused=kind == "new")
+    params = list(model.parameters())
     n = int(seconds * SR)
     gen = torch.Generator().manual_seed(0)
     waves = torch.randn(batch, n, generator=gen).to(device)
@@ -91,7 +92,7 @@ def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, dev
             loss.backward()
         with phase("optimizer"):
             if kind == "new" and hasattr(impl, "clip_grad_norm"):
-                impl.clip_grad_norm(model.parameters(), cfg.grad_clip)
+                impl.clip_grad_norm(params, cfg.grad_clip)  # the list, as pretraining.train
             else:  # foreach for the new step, as torch picks on CUDA
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
                                                foreach=True if kind == "new" else None)

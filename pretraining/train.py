@@ -151,6 +151,7 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
     model.to(device).train()
     mask_prob, mask_length = check_mask_settings(model)
     opt, sched = make_optimizer(model, config, steps)
+    params = list(model.parameters())  # walking the module tree costs ~1 ms a step
     step = 0
     if resume is not None:
         if resume["iteration"] != iteration:
@@ -220,7 +221,7 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
                 window_audio += batch.seconds * dist_info.world_size
                 skipped += len(batch.skipped)
             data_state = micro_batches[-1].state_after
-            grad_norm = clip_grad_norm(model.parameters(), config.grad_clip)
+            grad_norm = clip_grad_norm(params, config.grad_clip)
             opt.step()
             sched.step()
             step += 1
