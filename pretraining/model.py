@@ -223,12 +223,14 @@ class PretrainStep(torch.nn.Module):
     (the batch is cropped to equal lengths, so attention runs without a mask and SDPA may pick
     flash attention): conv features (gradient × ``feature_grad_mult``), feature penalty
     ``mean(features²)``, projection, mask embedding at ``mask``, positional conv, the blocks of
-    ``keep``, cosine-similarity logits / 0.1 against the label embeddings (``[N, K]`` matmul, in
-    float32), cross-entropy averaged over masked frames. Returns tensors only (no host sync):
+    ``keep`` (:func:`block_forward` on ``[B * T, D]`` frames), cosine-similarity logits / 0.1
+    against the label embeddings (``[N, K]`` matmul, in float32), cross-entropy averaged over
+    masked frames. Returns tensors only (no host sync):
     ``(loss, ce_masked, acc_masked, feature_pen)``.
 
-    ``compile_blocks()`` compiles the conv stack and each block with ``torch.compile``; layer drop
-    stays in Python between the compiled pieces. :meth:`use_eager` drops the compiled pieces.
+    ``compile_blocks()`` compiles the conv stack and each block's :func:`block_forward` with
+    ``torch.compile``; layer drop stays in Python between the compiled pieces. :meth:`use_eager`
+    drops the compiled pieces.
     """
 
     def __init__(self, model: HuBERTPretrainModel, feature_penalty_weight: float):
