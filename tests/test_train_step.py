@@ -105,15 +105,24 @@ def test_block_forward_equals_torchaudio_block(layer_norm_first, training):
         block_forward(block, x.flatten(0, 1), 2)
 
 
-def test_block_forward_dropout_rate_in_training():
-    """With dropout in training, outputs are random per call and differ from eval's."""
-    args = model_args("tiny", 5, {"encoder_dropout": 0.5, "encoder_attention_dropout": 0.5})
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("interm_dropout", [0.0, 0.2])
+def test_block_forward_draws_torchaudio_dropout(layer_norm_first, interm_dropout):
+    """In training with dropout, the same RNG state gives torchaudio's block output exactly: the
+    same dropouts (attention, after attention, feed-forward) in the same order, p = 0 skipped
+    without drawing as torchaudio's p = 0 dropout draws nothing."""
+    args = model_args("tiny", 5, {"encoder_layer_norm_first": layer_norm_first,
+                                  "encoder_dropout": 0.3, "encoder_attention_dropout": 0.4,
+                                  "encoder_ff_interm_dropout": interm_dropout})
     torch.manual_seed(0)
-    block = build_model(args).wav2vec2.encoder.transformer.layers[0]
-    x = torch.randn(34, 64)
-    a, b = block_forward(block.train(), x, 2), block_forward(block, x, 2)
-    assert not torch.allclose(a, b)
-    assert torch.equal(block_forward(block.eval(), x, 2), block_forward(block, x, 2))
+    block = build_model(args).wav2vec2.encoder.transformer.layers[0].train()
+    x = torch.randn(2, 17, 64)
+    torch.manual_seed(5)
+    ref = block(x, None)[0]
+    torch.manual_seed(5)
+    ours = block_forward(block, x.flatten(0, 1), 2).view(2, 17, 64)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, block.eval()(x, None)[0])  # dropout did act
 
 
 def test_clip_grad_norm_equals_torch():
