@@ -16,6 +16,7 @@ Base width instead (to check that compute did not get slower).
     python benchmarks/step_host_overhead.py                       # baseline: git HEAD
     python benchmarks/step_host_overhead.py --baseline ca5820d --rounds 20
     python benchmarks/step_host_overhead.py --preset-width --batch 1 --seconds 2 --rounds 3
+    python benchmarks/step_host_overhead.py --preset-width --block --seconds 2 --rounds 40
 """
 
 from __future__ import annotations
@@ -109,6 +110,29 @@ def count_ops(step) -> tuple[dict[str, tuple[int, int]], int, Counter]:
     return counts, autograd_nodes(loss), names
 
 
+def compare_block(overrides: dict, frames: int, rounds: int) -> None:
+    """ms of one block's forward + backward (train mode, batch 1): torchaudio's ``EncoderLayer``
+    against :func:`pretraining.model.block_forward`, interleaved, medians."""
+    args = pretraining.model.model_args("base", 10, {**overrides, "encoder_num_layers": 1})
+    torch.manual_seed(0)
+    block = pretraining.model.build_model(args).wav2vec2.encoder.transformer.layers[0].train()
+    x = torch.randn(1, frames, args["encoder_embed_dim"], requires_grad=True)
+    kinds = {"torchaudio block": lambda: block(x, None)[0].sum().backward(),
+             "block_forward": lambda: pretraining.model.block_forward(
+                 block, x.flatten(0, 1), 1).sum().backward()}
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for round_ in range(rounds + 2):
+        for name, run in kinds.items():
+            tic = time.perf_counter()
+            run()
+            if round_ >= 2:  # 2 warm-up rounds
+                times[name].append(time.perf_counter() - tic)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"one block fwd+bwd, 1 x {frames} frames, train mode: " + ", ".join(
+        f"{name} {v:.2f} ms" for name, v in ms.items())
+        + f"; ratio {ms['block_forward'] / ms['torchaudio block']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="git revision of the current step")
@@ -119,6 +143,8 @@ def main() -> None:
     parser.add_argument("--preset-width", action="store_true", help="Base width, not tiny")
     parser.add_argument("--top", type=int, default=0,
                         help="print the most frequent top-level ops")
+    parser.add_argument("--block", action="store_true",
+                        help="only one block's forward + backward: torchaudio's vs ours")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (on the CPU), to count the casts it adds as on CUDA")
     parser.add_argument("--no-attention-dropout", action="store_true",
@@ -130,6 +156,11 @@ def main() -> None:
     overrides = {} if a.preset_width else dict(TINY_WIDTH)
     if a.no_attention_dropout:
         overrides["encoder_attention_dropout"] = 0.0
+    if a.block:
+        frames = pretraining.model.num_frames(pretraining.model.model_args("base", 10),
+                                              int(a.seconds * 16_000))
+        compare_block(overrides, frames, a.rounds)
+        return
     impls = {f"baseline ({a.baseline})": module_at(a.baseline), "this tree": pretraining.model}
     print(f"torch {torch.__version__}, CPU {a.threads} thread(s); base depth, "
           f"{'base' if a.preset_width else 'tiny'} width, batch {a.batch} x {a.seconds:g} s"
