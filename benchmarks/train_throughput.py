@@ -19,24 +19,20 @@ an 80 GB card (linear fit over two batch sizes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import pretraining.model
 from pretraining.config import KMeansConfig, TrainConfig
-from pretraining.model import (
-    PretrainStep,
-    build_model,
-    layer_keep,
-    model_args,
-    num_frames,
-    save_checkpoint,
-    span_mask,
-)
+from pretraining.model import build_model, model_args, num_frames, save_checkpoint
 from pretraining.train import hubert_loss, make_optimizer
 
 SR = 16_000
@@ -48,40 +44,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _no_phase(_: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, device: torch.device,
-              bf16: bool, compile_: bool = False):
-    """A closure running one training step of ``kind`` ("old" | "new")."""
+              bf16: bool, compile_: bool = False, overrides: dict | None = None,
+              impl: ModuleType = pretraining.model):
+    """A closure running one training step of ``kind`` ("old" | "new").
+
+    ``overrides``: ``model_args`` overrides; ``impl``: the module giving the new step's
+    ``PretrainStep``, ``span_mask`` and ``layer_keep`` (another revision's, to compare). The
+    closure takes ``phase``: a function of a phase name ("forward", "backward", "optimizer")
+    returning a context manager around that phase (e.g. a profiler), and returns the loss."""
     classes = 500 if preset == "base" else 50
-    args = model_args(preset, classes)
+    args = model_args(preset, classes, overrides)
     torch.manual_seed(0)
     model = build_model(args).to(device).train()
     cfg = TrainConfig(bf16=bf16)
     opt, _ = make_optimizer(model, cfg, 1000, fused=kind == "new")
+    params = list(model.parameters())
     n = int(seconds * SR)
     gen = torch.Generator().manual_seed(0)
     waves = torch.randn(batch, n, generator=gen).to(device)
     labels = torch.randint(0, classes, (batch, num_frames(args, n)), generator=gen).to(device)
     lengths = torch.full((batch,), n, dtype=torch.long, device=device)
-    step_module = PretrainStep(model, cfg.feature_penalty_weight)
+    step_module = impl.PretrainStep(model, cfg.feature_penalty_weight)
     if compile_:
         step_module.compile_blocks(dynamic=True)
     transformer = model.wav2vec2.encoder.transformer
     host, device_gen = torch.Generator().manual_seed(1), torch.Generator(device).manual_seed(1)
-    use_bf16 = bf16 and device.type == "cuda"
+    use_bf16 = bf16  # autocast on the CPU too where asked (--precision bf16)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if kind == "old":
-                loss, _ = hubert_loss(*model(waves, labels, lengths), cfg)
-            else:
-                mask = span_mask(batch, labels.shape[1], mask_prob=0.8, mask_length=10, host=host,
-                                 device_gen=device_gen, device=device)
-                keep = layer_keep(len(transformer.layers), transformer.layer_drop, host)
-                loss = step_module(waves, labels, mask, keep)[0]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+    def step(phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
+             ) -> torch.Tensor:
+        with phase("forward"):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if kind == "old":
+                    loss, _ = hubert_loss(*model(waves, labels, lengths), cfg)
+                else:
+                    mask = impl.span_mask(batch, labels.shape[1], mask_prob=0.8, mask_length=10,
+                                          host=host, device_gen=device_gen, device=device)
+                    keep = impl.layer_keep(len(transformer.layers), transformer.layer_drop, host)
+                    loss = step_module(waves, labels, mask, keep)[0]
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            if kind == "new" and hasattr(impl, "clip_grad_norm"):
+                impl.clip_grad_norm(params, cfg.grad_clip)  # the list, as pretraining.train
+            else:  # foreach for the new step, as torch picks on CUDA
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
+                                               foreach=True if kind == "new" else None)
+            opt.step()
+        return loss
 
     return step
 

@@ -11,6 +11,7 @@ verbatim as ``model_args`` in checkpoints so that a loader can rebuild the model
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu"
 
 LOGIT_TEMPERATURE = 0.1  # torchaudio's (and fairseq's) logit_temp
 MIN_MASKS = 2  # torchaudio's MaskGenerator and fairseq HuBERT: at least two spans per utterance
+IGNORED = -100  # the target of unmasked frames in the step's cross-entropy
 
 
 def span_mask(batch: int, frames: int, *, mask_prob: float, mask_length: int,
@@ -221,12 +223,14 @@ class PretrainStep(torch.nn.Module):
     (the batch is cropped to equal lengths, so attention runs without a mask and SDPA may pick
     flash attention): conv features (gradient × ``feature_grad_mult``), feature penalty
     ``mean(features²)``, projection, mask embedding at ``mask``, positional conv, the blocks of
-    ``keep``, cosine-similarity logits / 0.1 against the label embeddings (``[N, K]`` matmul, in
-    float32), cross-entropy averaged over masked frames. Returns tensors only (no host sync):
+    ``keep`` (:func:`block_forward` on ``[B * T, D]`` frames), cosine-similarity logits / 0.1
+    against the label embeddings (``[N, K]`` matmul, in float32), cross-entropy averaged over
+    masked frames. Returns tensors only (no host sync):
     ``(loss, ce_masked, acc_masked, feature_pen)``.
 
-    ``compile_blocks()`` compiles the conv stack and each block with ``torch.compile``; layer drop
-    stays in Python between the compiled pieces. :meth:`use_eager` drops the compiled pieces.
+    ``compile_blocks()`` compiles the conv stack and each block's :func:`block_forward` with
+    ``torch.compile``; layer drop stays in Python between the compiled pieces. :meth:`use_eager`
+    drops the compiled pieces.
     """
 
     def __init__(self, model: HuBERTPretrainModel, feature_penalty_weight: float):
@@ -239,7 +243,7 @@ class PretrainStep(torch.nn.Module):
         w2v = self.model.wav2vec2
         self._compiled = {"conv": torch.compile(w2v.feature_extractor, **options)}
         for i, block in enumerate(w2v.encoder.transformer.layers):
-            self._compiled[f"block{i}"] = torch.compile(block, **options)
+            self._compiled[f"block{i}"] = torch.compile(partial(block_forward, block), **options)
 
     def use_eager(self) -> None:
         self._compiled = {}
@@ -277,23 +281,85 @@ class PretrainStep(torch.nn.Module):
         if len(keep) != len(transformer.layers):
             raise ValueError(f"PretrainStep: keep has {len(keep)} entries for "
                              f"{len(transformer.layers)} blocks")
+        batch = x.shape[0]
+        x = x.flatten(0, 1)  # [B * T, D]: the blocks' linears run on 2-D inputs
         for i, (block, run) in enumerate(zip(transformer.layers, keep, strict=True)):
             if run:
-                x, _ = self._compiled.get(f"block{i}", block)(x, None)
+                x = self._compiled.get(f"block{i}", partial(block_forward, block))(x, batch)
         if not transformer.layer_norm_first:
             x = transformer.layer_norm(x)
         head = model.logit_generator
         proj = head.final_proj(x)
         with torch.autocast(proj.device.type, enabled=False):
             logits = masked_logits(proj.float(), head.label_embeddings.float())
-            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-            weight = mask.flatten().float()
-            n_masked = weight.sum().clamp(min=1.0)
-            ce_masked = (ce * weight).sum() / n_masked
-            hits = (logits.detach().argmax(dim=-1).flatten() == labels.flatten()).float()
-            acc = (hits * weight).sum() / n_masked
+            # unmasked frames get the ignored target: no weights to multiply in and out
+            target = torch.where(mask.flatten(), labels.flatten(), IGNORED)
+            n_masked = mask.sum().clamp(min=1)
+            ce_masked = F.cross_entropy(logits, target, ignore_index=IGNORED,
+                                        reduction="sum") / n_masked
+            acc = (logits.detach().argmax(dim=-1) == target).sum() / n_masked
             loss = ce_masked + self.feature_penalty_weight * feature_pen
         return loss, ce_masked.detach(), acc, feature_pen.detach()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)`` (L2) in five
+    dispatched ops: torch's moves each of the ~200 per-tensor norms with ``.to(device)`` (one
+    dispatch each, a tenth of the Base step's host ops). Parameters without a gradient are
+    skipped; gradients on several devices or dtypes go to torch's function. Returns the total
+    norm (a tensor: no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if len({(g.device, g.dtype) for g in grads}) > 1:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
+def block_forward(block: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """torchaudio's ``EncoderLayer`` forward (no mask) with its own weights, on frames flattened
+    to ``[batch * T, D]``: one matmul over the concatenated q/k/v weights, one
+    ``scaled_dot_product_attention``, 2-D linears (no reshapes around them), functional calls
+    (no submodule calls), dropout only where p > 0 in training. Fewer dispatched ops, autograd
+    nodes and Python calls than the module's forward; the same function and dropout placement."""
+    attn, ff = block.attention, block.feed_forward
+    n, d = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    if d != attn.embed_dim or n % batch:
+        raise ValueError(f"block_forward: x {tuple(x.shape)} is not [batch={batch} * T, "
+                         f"{attn.embed_dim}]")
+    training = block.training
+    norm1, norm2 = block.layer_norm, block.final_layer_norm
+
+    def layer_norm(h: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+        return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    def feed_forward(h: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(F.linear(h, ff.intermediate_dense.weight, ff.intermediate_dense.bias))
+        h = _dropout(h, ff.intermediate_dropout.p, training)
+        h = F.linear(h, ff.output_dense.weight, ff.output_dense.bias)
+        return _dropout(h, ff.output_dropout.p, training)
+
+    residual = x
+    if block.layer_norm_first:
+        x = layer_norm(x, norm1)
+    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    q, k, v = F.linear(x, weight, bias).view(batch, n // batch, 3, heads, head_dim) \
+        .permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if training else 0.0)
+    y = F.linear(y.transpose(1, 2).reshape(n, d), attn.out_proj.weight, attn.out_proj.bias)
+    x = residual + _dropout(y, block.dropout.p, training)
+    if block.layer_norm_first:
+        return x + feed_forward(layer_norm(x, norm2))
+    x = layer_norm(x, norm1)
+    return layer_norm(x + feed_forward(x), norm2)
 
 
 def _fft_size(n: int) -> int:

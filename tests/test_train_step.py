@@ -16,7 +16,9 @@ from pretraining.config import KMeansConfig, TrainConfig
 from pretraining.data import AudioSet, BatchStream, Prefetcher, list_audio
 from pretraining.model import (
     PretrainStep,
+    block_forward,
     build_model,
+    clip_grad_norm,
     layer_keep,
     model_args,
     num_frames,
@@ -71,6 +73,75 @@ def test_step_loss_and_gradients_match_torchaudio(preset, classes, layers, monke
     assert grads.keys() == ref_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_block_forward_equals_torchaudio_block(layer_norm_first, training):
+    """Our block forward on [B * T, D] frames = torchaudio's ``EncoderLayer`` on [B, T, D], values
+    and gradients (dropout 0 in training: the random streams differ, the placement is the
+    module's); in eval mode with the Base dropouts."""
+    dropout = 0.0 if training else 0.1
+    args = model_args("tiny", 5, {"encoder_layer_norm_first": layer_norm_first,
+                                  "encoder_dropout": dropout,
+                                  "encoder_attention_dropout": dropout,
+                                  "encoder_ff_interm_dropout": dropout})
+    torch.manual_seed(0)
+    block = build_model(args).wav2vec2.encoder.transformer.layers[1].train(training)
+    assert block.layer_norm_first == layer_norm_first
+    x = torch.randn(3, 17, 64, requires_grad=True)
+    ref = block(x, None)[0]
+    ref.square().sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+    ours = block_forward(block, x.flatten(0, 1), 3)
+    assert ours.shape == (3 * 17, 64)
+    torch.testing.assert_close(ours.view(3, 17, 64), ref, rtol=1e-5, atol=1e-5)
+    ours.square().sum().backward()
+    for got, want in zip([x.grad] + [p.grad for p in block.parameters()], ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="block_forward"):
+        block_forward(block, x.flatten(0, 1), 2)
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("interm_dropout", [0.0, 0.2])
+def test_block_forward_draws_torchaudio_dropout(layer_norm_first, interm_dropout):
+    """In training with dropout, the same RNG state gives torchaudio's block output exactly: the
+    same dropouts (attention, after attention, feed-forward) in the same order, p = 0 skipped
+    without drawing as torchaudio's p = 0 dropout draws nothing."""
+    args = model_args("tiny", 5, {"encoder_layer_norm_first": layer_norm_first,
+                                  "encoder_dropout": 0.3, "encoder_attention_dropout": 0.4,
+                                  "encoder_ff_interm_dropout": interm_dropout})
+    torch.manual_seed(0)
+    block = build_model(args).wav2vec2.encoder.transformer.layers[0].train()
+    x = torch.randn(2, 17, 64)
+    torch.manual_seed(5)
+    ref = block(x, None)[0]
+    torch.manual_seed(5)
+    ours = block_forward(block, x.flatten(0, 1), 2).view(2, 17, 64)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, block.eval()(x, None)[0])  # dropout did act
+
+
+def test_clip_grad_norm_equals_torch():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    inputs = torch.randn(5, 4)
+    for net in nets:
+        net(inputs).square().sum().backward()
+        net[0].bias.grad = None  # a parameter without gradient (a dropped block's)
+    for max_norm in (1e-3, 1e3):
+        ours = clip_grad_norm(nets[0].parameters(), max_norm)
+        theirs = torch.nn.utils.clip_grad_norm_(nets[1].parameters(), max_norm)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            assert (p.grad is None) == (q.grad is None)
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert float(clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0)) == 0.0
 
 
 def _fairseq_mask(rng: np.random.Generator, bsz: int, frames: int, mask_prob: float,
