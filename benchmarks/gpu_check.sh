@@ -57,7 +57,13 @@ run_part() {
             --config /tmp/base_gpu.toml --schedule original --steps 200 --no-profile \
             --device cuda --out /tmp/ddp_run ;;
     # 10: the CCA engine on CUDA (and where its fits spend their time); the CUDA tests
-    cca_engine) part "$1" 60 12 $PY benchmarks/cca_engine.py --device cuda ;;
+    # 11: torchaudio's blocks vs block_forward (one q/k/v matmul), Base width, the step's shape
+    blocks_ab) part "$1" 60 3 $PY benchmarks/step_host_overhead.py --block --n-blocks 12 \
+        --preset-width --batch 8 --seconds 10 --rounds 20 --device cuda --bf16 ;;
+    # 10: MI's k-means alone (torch on the GPU vs scikit-learn on the host), published settings
+    mi_kmeans) part "$1" 120 8 $PY benchmarks/score_end_to_end.py --kmeans --device cuda \
+        --layers 3 --items 20000 --clusters 500 ;;
+    cca_engine) part "$1" 60 12 $PY benchmarks/cca_engine.py --device cuda --metrics ;;
     cca_cpu) part "$1" 90 6 $PY benchmarks/cca_engine.py --device cpu --ref-layers 0 \
         --threads 16 ;;
     cca_profile) part "$1" 60 60 $PY benchmarks/cca_engine.py --device cuda --ref-layers 0 \
@@ -73,7 +79,7 @@ $PY -c "import torch, torchaudio, transformers; print(torch.__version__, torchau
 transformers.__version__)"
 PARTS=("$@")
 if [ ${#PARTS[@]} -eq 0 ]; then
-    PARTS=(train_eager train_compiled train_batch32 score_61min label_stage ddp_nccl cca_engine
-           device_agreement cuda_tests conv_kernels profile_step)
+    PARTS=(train_eager blocks_ab train_compiled train_batch32 score_61min label_stage ddp_nccl
+           cca_engine mi_kmeans device_agreement cuda_tests conv_kernels profile_step)
 fi
 for name in "${PARTS[@]}"; do run_part "$name"; done

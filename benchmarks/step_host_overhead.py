@@ -110,27 +110,51 @@ def count_ops(step) -> tuple[dict[str, tuple[int, int]], int, Counter]:
     return counts, autograd_nodes(loss), names
 
 
-def compare_block(overrides: dict, frames: int, rounds: int) -> None:
-    """ms of one block's forward + backward (train mode, batch 1): torchaudio's ``EncoderLayer``
-    against :func:`pretraining.model.block_forward`, interleaved, medians."""
-    args = pretraining.model.model_args("base", 10, {**overrides, "encoder_num_layers": 1})
+def compare_block(overrides: dict, frames: int, rounds: int, *, batch: int = 1,
+                  n_blocks: int = 1, device: torch.device | None = None,
+                  bf16: bool = False) -> None:
+    """ms of ``n_blocks`` blocks' forward + backward (train mode): torchaudio's ``EncoderLayer``
+    against :func:`pretraining.model.block_forward`, interleaved, medians; on CUDA (synchronised),
+    optionally under bf16 autocast as the training step runs them."""
+    device = device or torch.device("cpu")
+    args = pretraining.model.model_args("base", 10,
+                                        {**overrides, "encoder_num_layers": n_blocks})
     torch.manual_seed(0)
-    block = pretraining.model.build_model(args).wav2vec2.encoder.transformer.layers[0].train()
-    x = torch.randn(1, frames, args["encoder_embed_dim"], requires_grad=True)
-    kinds = {"torchaudio block": lambda: block(x, None)[0].sum().backward(),
-             "block_forward": lambda: pretraining.model.block_forward(
-                 block, x.flatten(0, 1), 1).sum().backward()}
+    blocks = pretraining.model.build_model(args).wav2vec2.encoder.transformer.layers
+    blocks = blocks.to(device).train()
+    x = torch.randn(batch, frames, args["encoder_embed_dim"], device=device, requires_grad=True)
+
+    def torchaudio_blocks() -> torch.Tensor:
+        h = x
+        for block in blocks:
+            h = block(h, None)[0]
+        return h
+
+    def our_blocks() -> torch.Tensor:
+        h = x.flatten(0, 1)
+        for block in blocks:
+            h = pretraining.model.block_forward(block, h, batch)
+        return h
+
+    kinds = {"torchaudio block": torchaudio_blocks, "block_forward": our_blocks}
     times: dict[str, list[float]] = {name: [] for name in kinds}
     for round_ in range(rounds + 2):
         for name, run in kinds.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             tic = time.perf_counter()
-            run()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = run()
+            out.float().sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if round_ >= 2:  # 2 warm-up rounds
                 times[name].append(time.perf_counter() - tic)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(f"one block fwd+bwd, 1 x {frames} frames, train mode: " + ", ".join(
-        f"{name} {v:.2f} ms" for name, v in ms.items())
-        + f"; ratio {ms['block_forward'] / ms['torchaudio block']:.3f}")
+    print(f"{n_blocks} block(s) fwd+bwd, {batch} x {frames} frames, train mode, {device}"
+          f"{', bf16 autocast' if bf16 else ''}: "
+          + ", ".join(f"{name} {v:.2f} ms" for name, v in ms.items())
+          + f"; ratio {ms['block_forward'] / ms['torchaudio block']:.3f}")
 
 
 def main() -> None:
@@ -144,9 +168,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0,
                         help="print the most frequent top-level ops")
     parser.add_argument("--block", action="store_true",
-                        help="only one block's forward + backward: torchaudio's vs ours")
+                        help="only --n-blocks blocks' forward + backward: torchaudio's vs ours")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (on the CPU), to count the casts it adds as on CUDA")
+    parser.add_argument("--n-blocks", type=int, default=1, help="blocks timed by --block")
+    parser.add_argument("--device", default="cpu", help="device of --block (cpu or cuda)")
     parser.add_argument("--no-attention-dropout", action="store_true",
                         help="attention dropout 0, so that SDPA on the CPU takes its fused kernel "
                              "as CUDA's flash attention does with dropout (math path otherwise)")
@@ -159,8 +185,11 @@ def main() -> None:
     if a.block:
         frames = pretraining.model.num_frames(pretraining.model.model_args("base", 10),
                                               int(a.seconds * 16_000))
-        compare_block(overrides, frames, a.rounds)
+        compare_block(overrides, frames, a.rounds, batch=a.batch, n_blocks=a.n_blocks,
+                      device=torch.device(a.device), bf16=a.bf16)
         return
+    if a.device != "cpu":
+        raise SystemExit("--device cuda is for --block (the op counts are the host's)")
     impls = {f"baseline ({a.baseline})": module_at(a.baseline), "this tree": pretraining.model}
     print(f"torch {torch.__version__}, CPU {a.threads} thread(s); base depth, "
           f"{'base' if a.preset_width else 'tiny'} width, batch {a.batch} x {a.seconds:g} s"
