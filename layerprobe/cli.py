@@ -126,6 +126,46 @@ def write_results(results, out: Path, *, append: bool, csv: Path | None) -> None
         print(f"wrote {save_csv(results, csv)}")
 
 
+def partial_results_path(out: Path) -> Path:
+    """Where ``layerprobe score`` keeps the models finished so far while it scores several."""
+    return out.with_name(out.name + ".partial")
+
+
+def resumed_results(partial: Path, models: Sequence[str], labels: Sequence[str], config
+                    ) -> dict[str, list]:
+    """The results an interrupted run left in ``partial``, by label, for the models of this
+    command scored with this configuration; a model scored with another configuration is an
+    error (its results would not be comparable)."""
+    import json
+
+    from layerprobe.results import load_results
+
+    want = json.loads(json.dumps(config.to_dict()))
+    done: dict[str, list] = {}
+    for r in load_results(partial):
+        if (r.model, r.label) not in set(zip(models, labels, strict=True)):
+            continue
+        if r.meta.get("config") != want:
+            changed = _changed_keys(r.meta.get("config") or {}, want)
+            raise ValueError(f"{partial}: {r.label!r} was scored with another configuration "
+                             f"(differs in {', '.join(changed) or 'its fields'}); delete the "
+                             "file or drop --resume")
+        done.setdefault(r.label, []).append(r)
+    return done
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields in which two config dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
+
+
 def _label_for_file(model: str, append_to: Path | None) -> str:
     """The default label of ``model``: its label in a file appended to if it is there already
     (so that its results get replaced), else one unique among that file's other models."""
@@ -140,8 +180,9 @@ def _label_for_file(model: str, append_to: Path | None) -> str:
     return unique_labels([*others, str(model)])[-1]
 
 
-def _score_all(args: argparse.Namespace, config, labels: list[str]):
-    """Score ``args.models`` (alone, or as one rank under torchrun); ``(None, failures)`` on
+def _score_all(args: argparse.Namespace, config, models: list[str], labels: list[str],
+               on_model=None):
+    """Score ``models`` (alone, or as one rank under torchrun); ``(None, failures)`` on
     ranks other than 0, else the results and what could not be scored."""
     from layerprobe.distributed import destroy_distributed, init_distributed
     from layerprobe.score import score_models
@@ -149,8 +190,9 @@ def _score_all(args: argparse.Namespace, config, labels: list[str]):
     dist_info, _ = init_distributed(config.device)
     try:
         with _collect_failures() as failures:
-            results = score_models(args.models, None, config, labels=labels,
-                                   progress=not args.no_progress, skip_failed=True)
+            results = score_models(models, None, config, labels=labels,
+                                   progress=not args.no_progress, skip_failed=True,
+                                   on_model=on_model)
     finally:
         destroy_distributed(dist_info)
     if not dist_info.main:
@@ -181,11 +223,35 @@ def cmd_score(args: argparse.Namespace) -> int:
     name = labels[0] if len(labels) == 1 else f"{labels[0]}_and_{len(labels) - 1}_more"
     out = args.out or Path("results") / f"{_safe_name(name)}.json"
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.plot])
-    results, failures = _score_all(args, config, labels)
-    if results is None:
-        return 0  # rank 0 writes the results
+    partial = partial_results_path(out)
+    kept: dict[str, list] = {}
+    if args.resume and partial.exists():
+        kept = resumed_results(partial, args.models, labels, config)
+        print(f"resuming from {partial}: {len(kept)} of {len(args.models)} model(s) done")
+    elif partial.exists():
+        warnings.warn(f"{partial} holds the models an interrupted run finished; replacing it "
+                      "(--resume continues that run instead)", UserWarning, stacklevel=2)
+    todo = [i for i, label in enumerate(labels) if label not in kept]
+    failures: list[str] = []
+    if todo:
+        from layerprobe.results import save_results
+
+        finished = [r for rs in kept.values() for r in rs]
+
+        def save_finished(model_results: list) -> None:  # an interrupted run keeps these
+            finished.extend(model_results)
+            save_results(finished, partial)
+
+        new, failures = _score_all(args, config, [args.models[i] for i in todo],
+                                   [labels[i] for i in todo], save_finished)
+        if new is None:
+            return 0  # rank 0 writes the results
+        for r in new:
+            kept.setdefault(r.label, []).append(r)
+    results = [r for label in labels for r in kept.get(label, [])]
     print(summary_table(results))
     write_results(results, out, append=args.append, csv=args.csv)
+    partial.unlink(missing_ok=True)
     if args.plot:
         from layerprobe.plots import plot_layerwise
 
@@ -285,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--labels", help="comma-separated names, one per model")
     score.add_argument("--title", help="figure title (with --plot)")
     score.add_argument("--plot", type=Path, help="also draw the curves to this PNG/PDF")
+    score.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run: keep the models it finished (saved "
+                       "in OUT.partial after each model) and score the others")
     score.set_defaults(func=cmd_score)
 
     plot = sub.add_parser("plot", help="draw layerwise curves from results JSON files",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -141,10 +141,13 @@ def score_models(
     progress: bool = True,
     skip_failed: bool = False,
     dist_info: Dist | None = None,
+    on_model: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
     """Score several models on exactly the same items: the corpus is read and the probes are
     built once, every model streams the same utterances (audio decoded once when it fits
-    ``AUDIO_CACHE_BYTES``).
+    ``AUDIO_CACHE_BYTES``). ``on_model`` gets each model's results as soon as they are
+    computed (in one process; under torchrun with several ranks nothing is passed before the
+    end), e.g. to save them so that an interrupted run loses no finished model.
 
     Under ``torchrun`` with ``W`` ranks the models are shared out whole first: model ``i`` of the
     first ``W * (n // W)`` runs on rank ``i % W`` exactly as in one process (no communication;
@@ -180,6 +183,8 @@ def score_models(
             label=labels[i],
             progress=progress and dist_info.main, skip_failed=skip_failed,
             keep_audio=i + 1 < n)
+        if on_model is not None and world == 1:
+            on_model(per_model[i])
     if world > 1 and whole:
         gathered = dist_info.gather_object({i: per_model[i] for i in mine})
         if not dist_info.main:

@@ -271,6 +271,47 @@ def test_cli_scores_many_checkpoints_into_one_file(model_specs, tmp_path, capsys
     assert "--label names one model" in capsys.readouterr().err
 
 
+def test_cli_many_checkpoints_resume_after_an_interruption(model_specs, tmp_path, capsys,
+                                                             monkeypatch):
+    import shutil
+
+    import layerprobe.score as score_module
+
+    models = []
+    for it in ("it1", "it2", "it3"):
+        (tmp_path / "run" / it).mkdir(parents=True)
+        models.append(str(shutil.copy(model_specs["native"], tmp_path / "run" / it / "ckpt.pt")))
+    out = tmp_path / "all.json"
+    args = ["score", *models, "--probe", "phone", "--max-utterances", "40", "--device", "cpu",
+            "--out", str(out), "--no-progress"]
+    real, scored = score_module._score_one, []
+
+    def interrupted_at_it3(model, *a, **k):
+        if model.endswith("it3/ckpt.pt"):
+            raise KeyboardInterrupt
+        scored.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(score_module, "_score_one", interrupted_at_it3)
+    assert main(args) == 130
+    partial = tmp_path / "all.json.partial"
+    assert not out.exists() and [r.label for r in load_results(partial)] == ["it1", "it2"]
+    first = load_results(partial)
+    # another configuration: the finished models are not comparable, so resuming refuses
+    assert main([*args, "--resume", "--seed", "7"]) == 1
+    assert "all.json.partial: 'it1' was scored with another configuration (differs in " \
+        "probe_config.seed)" in capsys.readouterr().err
+    monkeypatch.setattr(score_module, "_score_one", lambda model, *a, **k: (
+        scored.append(model), real(model, *a, **k))[1])
+    assert main([*args, "--resume"]) == 0
+    assert scored == models  # it1 and it2 once, it3 after resuming
+    results = load_results(out)
+    assert [r.label for r in results] == ["it1", "it2", "it3"]
+    assert [r.scores for r in results[:2]] == [r.scores for r in first]
+    assert results[2].scores == results[0].scores  # same weights, same items
+    assert not partial.exists()
+
+
 def _corpus_with_corrupt_flac(tmp_path):
     import shutil
 
