@@ -283,7 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     out = args.out or Path(args.output).with_suffix(".json")
     check_outputs(out, args.csv, append_to=out if args.append else None, figures=[args.output])
-    results, failures = _score_all(args, config, labels)
+    results, failures = _score_all(args, config, args.models, labels)
     if results is None:
         return 0  # rank 0 writes the results
     print(summary_table(results))
