@@ -305,6 +305,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    from layerprobe.autoencoder import autoencoder_index, format_index
+    from layerprobe.labels import unique_labels
+    from layerprobe.results import load_results, pool_runs, save_results
+    from layerprobe.score import summary_table
+
+    check_outputs(args.out, figures=[args.plot])
+    names = unique_labels([str(path.parent) for path in args.results])
+    pooled = pool_runs([(name, load_results(path))
+                        for name, path in zip(names, args.results, strict=True)])
+    print(summary_table(pooled))
+    rows = autoencoder_index(pooled)
+    if rows:
+        print(format_index(rows, spread=f"{len(args.results)} runs"))
+    save_results(pooled, args.out)
+    print(f"wrote {args.out}")
+    if args.plot:
+        from layerprobe.plots import plot_layerwise
+
+        title = args.title or f"mean of {len(args.results)} runs (bands: std over runs)"
+        print(f"wrote {plot_layerwise(pooled, args.plot, title=title)}")
+    return 0
+
+
 @contextlib.contextmanager
 def _collect_failures() -> Iterator[list[str]]:
     """Collect the probes/metrics that score_model left out (ScoringWarning messages)."""
@@ -391,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("results", nargs="+", type=Path, help="results JSON files")
     export.add_argument("--csv", type=Path, required=True, help="CSV file to write ('-': stdout)")
     export.set_defaults(func=cmd_export)
+
+    pool = sub.add_parser("pool", help="pool the results of several runs (e.g. training seeds)",
+                          description="Pool results files of runs of the same experiment (e.g. "
+                          "a schedule pretrained with several seeds: runs/s*/profile.json): "
+                          "per label, probe and metric the mean curve and its std over runs, "
+                          "the spread that a difference between setups has to beat. Prints the "
+                          "autoencoder index with that spread.")
+    pool.add_argument("results", nargs="+", type=Path, help="results JSON files, one per run")
+    pool.add_argument("--out", type=Path, required=True, help="pooled results JSON")
+    pool.add_argument("--plot", type=Path, help="also draw the pooled curves (bands: std over "
+                      "runs)")
+    pool.add_argument("--title")
+    pool.set_defaults(func=cmd_pool)
 
     from layerprobe.synth import add_synth_arguments, run_synth
 

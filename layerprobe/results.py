@@ -191,6 +191,58 @@ def append_results(results: Sequence[Result], path: str | Path) -> tuple[list[Re
     return merged, replaced
 
 
+def pool_runs(runs: Sequence[tuple[str, Sequence[Result]]]) -> list[Result]:
+    """Results of several runs of the same experiment (e.g. a pretraining schedule trained with
+    different seeds) pooled per (label, probe, metric): scores = mean over runs, ``std`` = std
+    over runs (ddof 1), the spread a comparison between runs' setups has to beat. ``runs``:
+    ``(name, results)`` pairs; every (label, probe, metric) must occur in every run, on the
+    same layers. Each run's curve is kept in ``details["seed_scores"]`` (so indices computed
+    per curve, e.g. :func:`layerprobe.autoencoder.autoencoder_index`, get the spread over runs)
+    and its own std (split seeds) in ``details["run_std"]``."""
+    if len(runs) < 2:
+        raise ValueError(f"pool_runs: need at least 2 runs, got {len(runs)}")
+    keys: list[tuple[str, str, str]] = []
+    tables: list[dict[tuple[str, str, str], Result]] = []
+    for name, results in runs:
+        table: dict[tuple[str, str, str], Result] = {}
+        for r in results:
+            key = (r.label, r.probe, r.metric)
+            if key in table:
+                raise ValueError(f"{name}: two results for {key}")
+            table[key] = r
+            if key not in keys and not tables:
+                keys.append(key)
+        tables.append(table)
+    for (name, _), table in zip(runs, tables, strict=True):
+        missing = [k for k in keys if k not in table]
+        extra = [k for k in table if k not in keys]
+        if missing or extra:
+            raise ValueError(f"{name}: not the same results as {runs[0][0]} (missing {missing}, "
+                             f"extra {extra})")
+    pooled = []
+    for key in keys:
+        parts = [table[key] for table in tables]
+        first = parts[0]
+        for (name, _), r in zip(runs, parts, strict=True):
+            if r.layers != first.layers:
+                raise ValueError(f"{name}: {key} has layers {r.layers}, {runs[0][0]} has "
+                                 f"{first.layers}")
+        curves = [r.scores for r in parts]
+        n = len(curves)
+        mean = [sum(c[j] for c in curves) / n for j in range(len(first.layers))]
+        std = [math.sqrt(sum((c[j] - mean[j]) ** 2 for c in curves) / (n - 1))
+               for j in range(len(first.layers))]
+        pooled.append(Result(
+            model=first.model, label=first.label, corpus=first.corpus, probe=first.probe,
+            metric=first.metric, layers=list(first.layers), scores=mean, std=std,
+            details={"spread": f"std over {n} runs (ddof 1)", "runs": [name for name, _ in runs],
+                     "seed_scores": curves, "run_std": [r.std for r in parts],
+                     "run_models": [r.model for r in parts]},
+            meta={"pooled_runs": n, **{k: v for k, v in first.meta.items()
+                                       if k not in ("seconds", "timings", "created")}}))
+    return pooled
+
+
 CSV_COLUMNS = ("model", "label", "corpus", "probe", "metric", "layer", "score", "std")
 
 

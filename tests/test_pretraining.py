@@ -11,11 +11,11 @@ import soundfile
 import torch
 import torchaudio
 
+from layerprobe.autoencoder import autoencoder_index
 from layerprobe.results import Result
 from pretraining.config import KMeansConfig, PretrainConfig, TrainConfig
 from pretraining.data import AudioSet, BatchStream, bucket_batches, collate, list_audio
 from pretraining.model import build_model, load_checkpoint, model_args, num_frames
-from pretraining.profile import autoencoder_index
 from pretraining.run import run_pretraining
 from pretraining.schedules import Iteration
 from pretraining.targets import (

@@ -22,6 +22,7 @@ from layerprobe.results import (
     load_results,
     lock_path,
     merge_results,
+    pool_runs,
     results_to_csv,
     save_csv,
     save_results,
@@ -179,3 +180,38 @@ def test_csv_has_a_row_per_model_probe_metric_layer(tmp_path):
     assert [float(r["score"]) for r in rows[5:]] == results[1].scores
     path = save_csv(results, tmp_path / "r.csv")
     assert path.read_text() == results_to_csv(results)
+
+
+def test_pool_runs_gives_the_mean_and_the_spread_over_runs(tmp_path, capsys):
+    import numpy as np
+
+    from layerprobe.autoencoder import autoencoder_index, word_drop
+    from layerprobe.cli import main
+
+    rng = np.random.default_rng(0)
+    runs = []
+    for name in ("s0", "s1", "s2"):
+        results = [replace(_result("it1", shift=float(rng.normal(0, 0.01))),
+                           scores=[float(v) for v in rng.uniform(0.1, 0.9, 5)]),
+                   _result("it1", probe="fbank", shift=float(rng.normal(0, 0.01)))]
+        runs.append((name, results))
+    pooled = pool_runs(runs)
+    assert [(r.label, r.probe) for r in pooled] == [("it1", "word"), ("it1", "fbank")]
+    curves = np.array([[r.scores for r in rs][0] for _, rs in runs])
+    np.testing.assert_allclose(pooled[0].scores, curves.mean(0), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(pooled[0].std, curves.std(0, ddof=1), rtol=0, atol=1e-15)
+    assert pooled[0].details["runs"] == ["s0", "s1", "s2"]
+    (row,) = autoencoder_index(pooled)  # the index's spread is over runs
+    assert row["word_drop_std"] == pytest.approx(np.std([word_drop(list(c)) for c in curves], ddof=1))
+    with pytest.raises(ValueError, match=r"s1: not the same results as s0 \(missing"):
+        pool_runs([runs[0], ("s1", runs[1][1][:1])])
+    shorter = replace(runs[1][1][0], layers=[0, 1, 2, 3], scores=runs[1][1][0].scores[:4])
+    with pytest.raises(ValueError, match=r"s1: \('it1', 'word', 'pwcca'\) has layers"):
+        pool_runs([runs[0], ("s1", [shorter, runs[1][1][1]])])
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        pool_runs(runs[:1])
+    files = [save_results(rs, tmp_path / name / "profile.json") for name, rs in runs]
+    assert main(["pool", *map(str, files), "--out", str(tmp_path / "pooled.json")]) == 0
+    out = capsys.readouterr().out
+    assert "± : std over 3 runs" in out
+    assert load_results(tmp_path / "pooled.json") == pooled

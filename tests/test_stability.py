@@ -97,8 +97,8 @@ def test_seeds_give_a_spread_and_the_mean_of_seed_scores():
 
 
 def test_autoencoder_index_reports_its_spread_over_split_seeds():
+    from layerprobe.autoencoder import autoencoder_index, format_index
     from layerprobe.results import Result
-    from pretraining.profile import autoencoder_index, format_index
 
     seeds = [[0.5, 0.8, 0.4], [0.5, 0.9, 0.5], [0.4, 0.7, 0.3]]
     word = Result(model="m", label="it1", corpus="c", probe="word", metric="pwcca",
