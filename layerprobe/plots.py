@@ -161,6 +161,7 @@ def plot_layerwise(
         squeeze=False, sharey="col" if len(rows) > 1 else False,
     )
     spread = False
+    pooled = set()  # "std over N runs" of pooled results (layerprobe pool)
     for row_index, row in enumerate(rows):
         for col, (probe, metric) in enumerate(panels):
             ax = axes[row_index][col]
@@ -175,6 +176,8 @@ def plot_layerwise(
                     ax.fill_between(r.layers, low, high, color=colours[row][r.label],
                                     alpha=0.2, linewidth=0)
                     spread = True
+                    if "runs" in r.details:
+                        pooled.add(str(r.details.get("spread", "")))
                 ax.annotate(r.label, (r.layers[-1], r.scores[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=7, va="center",
                             color=colours[row][r.label])
@@ -204,8 +207,10 @@ def plot_layerwise(
     if title:
         fig.suptitle(title, fontsize=11)
     if spread:
-        fig.text(0.995, 0.005, "bands: ±1 std over seeds (split seeds for CCA, k-means seeds "
-                 "for MI)", ha="right", va="bottom", fontsize=6, color="0.4")
+        what = "; ".join(sorted(pooled)) if pooled else \
+            "std over seeds (split seeds for CCA, k-means seeds for MI)"
+        fig.text(0.995, 0.005, f"bands: ±1 {what}", ha="right", va="bottom", fontsize=6,
+                 color="0.4")
     fig.tight_layout(rect=(0, 0.06 if show_legend else 0.02 if spread else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

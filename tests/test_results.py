@@ -202,7 +202,8 @@ def test_pool_runs_gives_the_mean_and_the_spread_over_runs(tmp_path, capsys):
     np.testing.assert_allclose(pooled[0].std, curves.std(0, ddof=1), rtol=0, atol=1e-15)
     assert pooled[0].details["runs"] == ["s0", "s1", "s2"]
     (row,) = autoencoder_index(pooled)  # the index's spread is over runs
-    assert row["word_drop_std"] == pytest.approx(np.std([word_drop(list(c)) for c in curves], ddof=1))
+    per_run = [word_drop(list(c)) for c in curves]
+    assert row["word_drop_std"] == pytest.approx(np.std(per_run, ddof=1))
     with pytest.raises(ValueError, match=r"s1: not the same results as s0 \(missing"):
         pool_runs([runs[0], ("s1", runs[1][1][:1])])
     shorter = replace(runs[1][1][0], layers=[0, 1, 2, 3], scores=runs[1][1][0].scores[:4])
