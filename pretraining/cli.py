@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pretraining.config import PRESETS, SCHEDULES, PretrainConfig, resolve_config
 
@@ -33,6 +34,9 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-clusters", type=int, help="clusters of iteration 1")
     parser.add_argument("--last-clusters", type=int, help="clusters of later iterations")
     parser.add_argument("--seed", type=int, help="seed of everything")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train N runs with seeds SEED, SEED+1, ... (in OUT/seedS) and pool "
+                        "their profiles into OUT (mean curves, spread over runs)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--probe-corpus", help="corpus for profiling (default: bundled)")
     parser.add_argument("--no-profile", action="store_true", help="skip profiling")
@@ -65,12 +69,31 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from pretraining.run import run_pretraining
 
     config = config_from_args(args)
-    summary = run_pretraining(config, args.out, resume=args.resume)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds == 1:
+        summary = run_pretraining(config, args.out, resume=args.resume)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        print(f"done: {len(summary.completed)} iteration(s) in {summary.seconds / 60:.1f} min; "
+              f"checkpoints under {summary.run_dir}/it*/ckpt.pt"
+              + (f", figure {summary.run_dir}/profile.png" if config.profile.enabled else ""))
+        return 0
+    out = Path(args.out)
+    first = config.train.seed
+    runs = [out / f"seed{first + k}" for k in range(args.seeds)]
+    for k, run_dir in enumerate(runs):
+        run_pretraining(config.with_changes(train={"seed": first + k}), run_dir,
+                        resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    print(f"done: {len(summary.completed)} iteration(s) in {summary.seconds / 60:.1f} min; "
-          f"checkpoints under {summary.run_dir}/it*/ckpt.pt"
-          + (f", figure {summary.run_dir}/profile.png" if config.profile.enabled else ""))
+    if config.profile.enabled:
+        from pretraining.profile import pool_seed_runs
+
+        pool_seed_runs(runs, out)
+    print(f"done: {args.seeds} runs under {out}/seed*/"
+          + (f"; pooled profile {out}/profile.png, index {out}/autoencoder.json"
+             if config.profile.enabled else ""))
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from layerprobe.atomic import atomic_write_text
 from layerprobe.autoencoder import autoencoder_index, format_index
-from layerprobe.results import Result, load_results, save_results
+from layerprobe.results import Result, load_results, pool_runs, save_results
 from pretraining.config import ProfileConfig
 
 
@@ -82,3 +82,21 @@ def profile_checkpoints(run_dir: Path, iterations: Sequence[int], n_iterations: 
     atomic_write_text(run_dir / "autoencoder.json", json.dumps(rows, indent=1) + "\n")
     log(format_index(rows))
     return results
+
+
+def pool_seed_runs(run_dirs: Sequence[Path], out_dir: Path, *,
+                   log: Callable[[str], None] = print) -> list[Result]:
+    """Pool the profiles of the same run trained with different seeds (``run_dirs``, each with
+    its ``profile.json``) into ``out_dir``: ``profile.json`` (mean curves, std over runs),
+    ``profile.png`` and ``autoencoder.json`` (the index with its spread over runs: the noise a
+    difference between iterations or schedules has to beat)."""
+    from layerprobe.plots import plot_layerwise
+
+    pooled = pool_runs([(d.name, load_results(d / "profile.json")) for d in run_dirs])
+    save_results(pooled, out_dir / "profile.json")
+    plot_layerwise(pooled, out_dir / "profile.png",
+                   title=f"{out_dir.name}: {len(run_dirs)} training seeds, mean and std over runs")
+    rows = autoencoder_index(pooled)
+    atomic_write_text(out_dir / "autoencoder.json", json.dumps(rows, indent=1) + "\n")
+    log(format_index(rows, spread=f"{len(run_dirs)} training seeds"))
+    return pooled

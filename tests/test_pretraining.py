@@ -472,3 +472,35 @@ def test_pretraining_sigkill_and_resume_from_the_command_line(corpus, tmp_path):
         a, _, _ = load_checkpoint(tmp_path / "full" / f"it{i}" / "ckpt.pt")
         b, _, _ = load_checkpoint(tmp_path / "killed" / f"it{i}" / "ckpt.pt")
         assert _states_equal(a.state_dict(), b.state_dict())
+
+
+def test_pretrain_seeds_pool_their_profiles(corpus, tmp_path, monkeypatch):
+    import argparse
+    import json
+    import statistics
+
+    import pretraining.cli as pretrain_cli
+    from layerprobe.autoencoder import fbank_rise
+    from layerprobe.results import load_results
+
+    cfg = _tiny_config(corpus).with_changes(
+        schedule={"iterations": 2, "total_steps": 4},
+        profile={"enabled": True, "corpus": str(corpus), "probes": ["fbank"]})
+    monkeypatch.setattr(pretrain_cli, "config_from_args", lambda args: cfg)
+    parser = argparse.ArgumentParser()
+    pretrain_cli.add_pretrain_arguments(parser)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        pretrain_cli.run_pretrain(parser.parse_args(["--out", str(run), "--seeds", "0"]))
+    assert pretrain_cli.run_pretrain(parser.parse_args(["--out", str(run), "--seeds", "2"])) == 0
+    seeds = [load_results(run / f"seed{s}" / "profile.json") for s in (0, 1)]
+    pooled = load_results(run / "profile.json")
+    assert [r.label for r in pooled] == ["it1", "it2"] and (run / "profile.png").is_file()
+    assert seeds[0][1].scores != seeds[1][1].scores  # the seeds train different models
+    for p, a, b in zip(pooled, *seeds, strict=True):
+        pairs = list(zip(a.scores, b.scores, strict=True))
+        assert p.scores == pytest.approx([(x + y) / 2 for x, y in pairs])
+        assert p.std == pytest.approx([abs(x - y) / math.sqrt(2) for x, y in pairs])
+    rows = json.loads((run / "autoencoder.json").read_text())
+    assert rows[1]["fbank_rise_std"] == pytest.approx(
+        statistics.stdev([fbank_rise(s[1].scores) for s in seeds]))
