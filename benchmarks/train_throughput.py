@@ -23,7 +23,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -50,11 +50,14 @@ def _no_phase(_: str) -> contextlib.AbstractContextManager:
 
 def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, device: torch.device,
               bf16: bool, compile_: bool = False, overrides: dict | None = None,
-              impl: ModuleType = pretraining.model):
+              impl: ModuleType = pretraining.model,
+              batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None):
     """A closure running one training step of ``kind`` ("old" | "new").
 
     ``overrides``: ``model_args`` overrides; ``impl``: the module giving the new step's
-    ``PretrainStep``, ``span_mask`` and ``layer_keep`` (another revision's, to compare). The
+    ``PretrainStep``, ``span_mask`` and ``layer_keep`` (another revision's, to compare);
+    ``batches``: (waveforms [B, n], labels [B, T]) of each step of the new kind instead of the
+    fixed random batch (``batch`` and ``seconds`` then only size the unused fixed one). The
     closure takes ``phase``: a function of a phase name ("forward", "backward", "optimizer")
     returning a context manager around that phase (e.g. a profiler), and returns the loss."""
     classes = 500 if preset == "base" else 50
@@ -62,6 +65,8 @@ def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, dev
     torch.manual_seed(0)
     model = build_model(args).to(device).train()
     cfg = TrainConfig(bf16=bf16)
+    if batches is not None and kind != "new":
+        raise ValueError("make_step: batches are for the new kind")
     opt, _ = make_optimizer(model, cfg, 1000, fused=kind == "new")
     params = list(model.parameters())
     n = int(seconds * SR)
@@ -84,10 +89,11 @@ def make_step(preset: str, kind: str = "new", *, batch: int, seconds: float, dev
                 if kind == "old":
                     loss, _ = hubert_loss(*model(waves, labels, lengths), cfg)
                 else:
-                    mask = impl.span_mask(batch, labels.shape[1], mask_prob=0.8, mask_length=10,
+                    w, y = (waves, labels) if batches is None else next(batches)
+                    mask = impl.span_mask(y.shape[0], y.shape[1], mask_prob=0.8, mask_length=10,
                                           host=host, device_gen=device_gen, device=device)
                     keep = impl.layer_keep(len(transformer.layers), transformer.layer_drop, host)
-                    loss = step_module(waves, labels, mask, keep)[0]
+                    loss = step_module(w, y, mask, keep)[0]
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):

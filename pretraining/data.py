@@ -254,12 +254,12 @@ class BatchStream:
             epoch_seed(self.seed, self.iteration, self.epoch) * 7919 % (2**63)
             + self.position * 131 + self.rank)
         self.position += 1
-        ids = self.audio.ids
+        items = self.audio.items  # not .ids: a list of the whole corpus per batch
         waves = {i: self.audio.try_load(i) for i in index}
         good = [i for i in index if waves[i] is not None]
         if not good:  # every utterance of the batch is unreadable: take the next batch
             return next(self)
-        batch = collate([waves[i] for i in good], [self.labels[ids[i]] for i in good],
+        batch = collate([waves[i] for i in good], [self.labels[items[i].id] for i in good],
                         self.model_args, int(self.max_seconds * SAMPLE_RATE), gen)
         batch.state_after = self.state()
         batch.skipped = tuple(i for i in index if waves[i] is None)

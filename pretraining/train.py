@@ -171,9 +171,12 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
     transformer = model.wav2vec2.encoder.transformer
     net: torch.nn.Module = step_module
     if dist_info.enabled:
+        # gradient_as_bucket_view: the gradients are views into DDP's buckets, so the reduced
+        # buckets need no copy back into ~200 gradients (one dispatch each) per step; the values
+        # are the same (benchmarks/loop_overhead.py)
         net = DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=transformer.layer_drop > 0)
+            find_unused_parameters=transformer.layer_drop > 0, gradient_as_bucket_view=True)
     use_bf16 = config.bf16 and device.type == "cuda"
     randoms = StepRandom(config.seed, iteration, dist_info.rank, device)
     data_state = stream.state()

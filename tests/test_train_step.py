@@ -360,3 +360,48 @@ def test_run_with_a_corrupt_flac_completes_and_reports_it(tmp_path):
     for it in (1, 2):
         stage = json.loads((tmp_path / "run" / f"it{it}" / "label_stage.json").read_text())
         assert stage["skipped"] == ["utt05"] and stage["utterances"] == 7
+
+
+def test_one_process_ddp_trains_as_no_ddp(tmp_path):
+    """``torchrun --nproc_per_node 1`` (DDP over a gloo group of one, layer drop so that
+    ``find_unused_parameters``, accumulation so that ``no_sync``) gives the weights, optimizer
+    state and gradients of the plain loop bit for bit."""
+    import socket
+
+    import torch.distributed as dist
+
+    from layerprobe.distributed import Dist
+
+    audio = AudioSet(list_audio(_write_audio(tmp_path / "c", 6)))
+    args = model_args("tiny", 6, {"encoder_num_layers": 3, "encoder_layer_drop": 0.5})
+    cfg = TrainConfig(grad_accum=2, log_every=2, save_every=100, warmup_fraction=0.0)
+
+    def train(dist_info: Dist) -> tuple[dict, dict, list]:
+        torch.manual_seed(0)
+        model = build_model(args)
+        # step 1 runs a block in one micro-batch only, step 2 drops two blocks in both
+        train_iteration(model, _stream(audio, args), iteration=1, steps=2, config=cfg,
+                        device=torch.device("cpu"), state_path=tmp_path / "s.pt",
+                        dist_info=dist_info, log=lambda _: None)
+        state = torch.load(tmp_path / "s.pt", weights_only=False)
+        return model.state_dict(), state["optimizer"]["state"], \
+            [p.grad for p in model.parameters()]
+
+    plain = train(Dist())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        ddp = train(Dist(launched=True))
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(plain[0][k], ddp[0][k]) for k in plain[0])
+    assert plain[1].keys() == ddp[1].keys()
+    for i in plain[1]:
+        assert all(torch.equal(plain[1][i][k], ddp[1][i][k]) for k in plain[1][i])
+    dropped = [g is None for g in plain[2]]
+    assert any(dropped) and not all(dropped)
+    assert dropped == [g is None for g in ddp[2]]
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], ddp[2], strict=True) if a is not None)

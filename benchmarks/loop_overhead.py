@@ -1,0 +1,220 @@
+"""What the training loop adds to the HuBERT pretraining step when the step is host-bound.
+
+The Base preset's depth and structure at the tiny width of ``step_host_overhead.py`` (compute is
+negligible, so a step costs what the host spends dispatching it, as Base's step does on an H200:
+GPU busy 22.6 of 31 ms), on a synthetic corpus of ~3 s utterances of noise with random labels,
+cropped short (``--max-sample-seconds``) so that a batch of several utterances costs little
+compute but the data path (one crop per utterance) does its per-utterance work.
+Audio-s/s of, interleaved round by round (medians over rounds):
+
+(a) the step alone on a fixed batch of the corpus (``train_throughput.make_step``);
+(b) the same step fed by ``BatchStream`` + ``Prefetcher`` (a background thread), no DDP;
+(c) ``pretraining.train.train_iteration`` on the same corpus and config, no DDP;
+(d) ``train_iteration`` in a one-process gloo DDP group (``Dist(launched=True)``, as under
+    ``torchrun --nproc_per_node 1``), with layer drop (``find_unused_parameters=True``) and without;
+    (c) without layer drop too, so that the DDP cost is read against the same model.
+
+``train_iteration``'s throughput is its own ``audio_per_s`` of the second log window (the first
+holds the warm-up). Also printed: the prefetch thread's wall and CPU time per batch (``next`` of
+the stream, timed in the thread) and the time of one resume-state save.
+
+    python benchmarks/loop_overhead.py 2>/dev/null            # tqdm's bars go to stderr
+    python benchmarks/loop_overhead.py --batch-seconds 87.5 --steps 10 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torch.distributed as torch_dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_host_overhead import TINY_WIDTH  # noqa: E402
+from train_throughput import make_step  # noqa: E402
+
+from layerprobe.distributed import Dist  # noqa: E402
+from pretraining.config import TrainConfig  # noqa: E402
+from pretraining.data import SAMPLE_RATE, AudioSet, Batch, BatchStream, Prefetcher, list_audio  # noqa: E402,E501
+from pretraining.model import build_model, model_args, num_frames  # noqa: E402
+from pretraining.train import train_iteration  # noqa: E402
+
+CLASSES = 500
+
+
+def write_noise_corpus(root: Path, n_utts: int, low: float, high: float, seed: int = 0) -> Path:
+    """``n_utts`` wav files of noise, durations uniform in [low, high] s."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for u in range(n_utts):
+        n = int(rng.uniform(low, high) * SAMPLE_RATE)
+        soundfile.write(root / f"utt{u:04d}.wav", (0.1 * rng.standard_normal(n)).astype(np.float32),
+                        SAMPLE_RATE)
+    return root
+
+
+class TimedStream:
+    """A ``BatchStream`` whose ``next`` records its wall and thread-CPU seconds."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.utterances: list[int] = []
+
+    def __next__(self) -> Batch:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        batch = next(self.stream)
+        self.cpu.append(time.thread_time() - cpu)
+        self.wall.append(time.perf_counter() - wall)
+        self.utterances.append(batch.waveforms.shape[0])
+        return batch
+
+    def __iter__(self) -> TimedStream:
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def join_one_process_group() -> Dist:
+    """rank 0 of a gloo group of one, as ``init_distributed`` joins under ``torchrun``."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29_500 + os.getpid() % 1000))
+    torch_dist.init_process_group("gloo", rank=0, world_size=1)
+    return Dist(rank=0, world_size=1, launched=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-seconds", type=float, default=2.0,
+                        help="[train] batch_seconds (87.5 in the Base recipe)")
+    parser.add_argument("--max-sample-seconds", type=float, default=0.25,
+                        help="crop of every utterance: short, so that compute stays negligible "
+                             "while a batch holds as many utterances as batch_seconds / crop")
+    parser.add_argument("--utterances", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    a = parser.parse_args()
+    torch.set_num_threads(a.threads)
+    device = torch.device("cpu")
+    tmp = Path(tempfile.mkdtemp())
+    root = write_noise_corpus(tmp / "corpus", a.utterances, 2.5, 3.5)
+    audio = AudioSet(list_audio(root))
+    gen = torch.Generator().manual_seed(0)
+    args = {preset_drop: model_args("base", CLASSES, {**TINY_WIDTH, **extra})
+            for preset_drop, extra in (("drop", {}), ("no drop", {"encoder_layer_drop": 0.0}))}
+    labels = {uid: torch.randint(0, CLASSES, (num_frames(args["drop"], int(d * SAMPLE_RATE)),),
+                                 generator=gen)
+              for uid, d in zip(audio.ids, audio.durations, strict=True)}
+    for i in range(len(audio)):
+        audio.load(i)  # the corpus is cached in memory, as a corpus under an hour is
+
+    def stream(seed: int = 0) -> BatchStream:
+        return BatchStream(audio, labels, args["drop"], batch_seconds=a.batch_seconds,
+                           max_sample_seconds=a.max_sample_seconds, seed=seed, iteration=1)
+
+    first = [next(stream(1)) for _ in range(21)]
+    fixed = sorted(first, key=lambda b: b.seconds)[10]  # the batch of median seconds
+    print(f"torch {torch.__version__}, CPU, torch.set_num_threads({a.threads}) (the prefetch "
+          f"thread has the other core); Base depth, tiny width {TINY_WIDTH['encoder_embed_dim']}; "
+          f"{len(audio)} utterances of 2.5-3.5 s cropped to {a.max_sample_seconds:g} s, "
+          f"batch_seconds {a.batch_seconds:g} "
+          f"(fixed batch of (a): {fixed.waveforms.shape[0]} x "
+          f"{fixed.waveforms.shape[1] / SAMPLE_RATE:.2f} s)")
+
+    step_a = make_step("base", batch=1, seconds=0.1, device=device, bf16=False,
+                       overrides=TINY_WIDTH,
+                       batches=itertools.repeat((fixed.waveforms, fixed.labels)))
+    timed_b = TimedStream(stream(2))
+    prefetch_b = Prefetcher(timed_b, device)  # type: ignore[arg-type]
+    seconds_b: list[float] = []
+
+    def feed_b():
+        while True:
+            batch = next(prefetch_b)
+            seconds_b.append(batch.seconds)
+            yield batch.waveforms, batch.labels
+
+    step_b = make_step("base", batch=1, seconds=0.1, device=device, bf16=False,
+                       overrides=TINY_WIDTH, batches=feed_b())
+    dist_info = join_one_process_group()
+    models = {key: build_model(args[key]) for key in ("drop", "no drop")}
+    config = TrainConfig(batch_seconds=a.batch_seconds, device="cpu", bf16=False,
+                         log_every=a.steps, save_every=10**9, warmup_fraction=0.0, lr=1e-5)
+    timed_loops: dict[str, TimedStream] = {}
+
+    def loop(name: str, drop: str, ddp: bool):
+        def run() -> tuple[float, float]:
+            timed = TimedStream(stream(3))
+            timed_loops.setdefault(name, timed)
+            state_path = tmp / "state.pt"
+            tic = time.perf_counter()
+            stats = train_iteration(models[drop], timed, iteration=1,  # type: ignore[arg-type]
+                                    steps=2 * a.steps, config=config, device=device,
+                                    state_path=state_path,
+                                    dist_info=dist_info if ddp else Dist(),
+                                    log=lambda _: None)
+            total = time.perf_counter() - tic
+            timed_loops[name].wall.extend(timed.wall[2:])  # after the thread's start
+            timed_loops[name].cpu.extend(timed.cpu[2:])
+            timed_loops[name].utterances.extend(timed.utterances[2:])
+            return stats["audio_per_s"], total
+        return run
+
+    def steps_of(step, seconds: list[float] | None, audio_s: float):
+        def run() -> tuple[float, float]:
+            step()  # warm-up of this round
+            if seconds is not None:
+                seconds.clear()
+            tic = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            took = time.perf_counter() - tic
+            return (sum(seconds) if seconds is not None else a.steps * audio_s) / took, took
+        return run
+
+    variants = {
+        "(a) step, fixed batch": steps_of(step_a, None, fixed.seconds),
+        "(b) step + BatchStream + Prefetcher": steps_of(step_b, seconds_b, 0.0),
+        "(c) train_iteration, no DDP": loop("c", "drop", ddp=False),
+        "(c') train_iteration, no DDP, no layer drop": loop("c'", "no drop", ddp=False),
+        "(d) train_iteration, DDP gloo x1, layer drop (find_unused)": loop("d", "drop", True),
+        "(d') train_iteration, DDP gloo x1, no layer drop": loop("d'", "no drop", True),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(a.rounds + 1):  # round 0 warms up
+        for name, run in variants.items():
+            rate, _ = run()
+            if round_ > 0:
+                rates[name].append(rate)
+    prefetch_b.close()
+    torch_dist.destroy_process_group()
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    base = med["(a) step, fixed batch"]
+    print(f"audio-s/s, median of {a.rounds} interleaved rounds of {a.steps} steps "
+          "(ratio to (a); spread min-max):")
+    for name, value in med.items():
+        print(f"  {name:<58} {value:8.1f}  {value / base:6.3f}  "
+              f"({min(rates[name]):.1f}-{max(rates[name]):.1f})")
+    c, c_, d, d_ = list(med.values())[2:]
+    print(f"  DDP against the same model: (d)/(c) {d / c:.3f}, (d')/(c') {d_ / c_:.3f}")
+    for name, timed in {"(b)": timed_b, **{f"({k})": v for k, v in timed_loops.items()}}.items():
+        if timed.wall:
+            print(f"  prefetch thread {name}: {statistics.median(timed.wall) * 1e3:.2f} ms wall, "
+                  f"{statistics.median(timed.cpu) * 1e3:.2f} ms thread CPU per batch (median; "
+                  f"{statistics.mean(timed.utterances):.1f} utterances per batch)")
+
+
+if __name__ == "__main__":
+    main()
