@@ -12,7 +12,8 @@ Audio-s/s of, interleaved round by round (medians over rounds):
 (c) ``pretraining.train.train_iteration`` on the same corpus and config, no DDP;
 (d) ``train_iteration`` in a one-process gloo DDP group (``Dist(launched=True)``, as under
     ``torchrun --nproc_per_node 1``), with layer drop (``find_unused_parameters=True``) and without;
-    (c) without layer drop too, so that the DDP cost is read against the same model.
+    (c) without layer drop too, so that the DDP cost is read against the same model; and (d0), (d)
+    with ``gradient_as_bucket_view=False`` (train_iteration before it kept gradients as views).
 
 ``train_iteration``'s throughput is its own ``audio_per_s`` of the second log window (the first
 holds the warm-up). Also printed: the prefetch thread's wall and CPU time per batch (``next`` of
@@ -25,6 +26,7 @@ the stream, timed in the thread) and the time of one resume-state save.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -37,16 +39,26 @@ import numpy as np
 import soundfile
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_host_overhead import TINY_WIDTH  # noqa: E402
+from step_host_overhead import TINY_WIDTH, count_ops  # noqa: E402
 from train_throughput import make_step  # noqa: E402
 
+import pretraining.train  # noqa: E402
 from layerprobe.distributed import Dist  # noqa: E402
 from pretraining.config import TrainConfig  # noqa: E402
 from pretraining.data import SAMPLE_RATE, AudioSet, Batch, BatchStream, Prefetcher, list_audio  # noqa: E402,E501
-from pretraining.model import build_model, model_args, num_frames  # noqa: E402
-from pretraining.train import train_iteration  # noqa: E402
+from pretraining.model import (  # noqa: E402
+    PretrainStep,
+    build_model,
+    clip_grad_norm,
+    layer_keep,
+    model_args,
+    num_frames,
+    span_mask,
+)
+from pretraining.train import StepRandom, make_optimizer, train_iteration  # noqa: E402
 
 CLASSES = 500
 
@@ -92,6 +104,48 @@ def join_one_process_group() -> Dist:
     os.environ.setdefault("MASTER_PORT", str(29_500 + os.getpid() % 1000))
     torch_dist.init_process_group("gloo", rank=0, world_size=1)
     return Dist(rank=0, world_size=1, launched=True)
+
+
+def ddp_dispatches(args: dict, batch: Batch, dist_info: Dist) -> None:
+    """Top-level aten ops (dispatches: a kernel launch each on a GPU) of one step of
+    ``train_iteration``'s micro-step: no DDP, DDP copying gradients out of its buckets, DDP with
+    gradients as bucket views (the seeds, batch and model the same)."""
+    counts = {}
+    b, t = batch.labels.shape
+    for name, options in {"no DDP": None, "DDP, copied gradients": False,
+                          "DDP, bucket views": True}.items():
+        torch.manual_seed(0)
+        model = build_model(args).train()
+        step_module = PretrainStep(model, 10.0)
+        net = step_module if options is None else DistributedDataParallel(
+            step_module, find_unused_parameters=True, gradient_as_bucket_view=options)
+        opt, _ = make_optimizer(model, TrainConfig(), 100)
+        params = list(model.parameters())
+        randoms = StepRandom(0, 1, 0, torch.device("cpu"))
+
+        def step(phase, net=net, opt=opt, params=params, randoms=randoms) -> torch.Tensor:
+            with phase("forward"):
+                opt.zero_grad(set_to_none=True)
+                host, device_gen = randoms.at(0, 0)
+                mask = span_mask(b, t, mask_prob=0.8, mask_length=10, host=host,
+                                 device_gen=device_gen)
+                keep = layer_keep(12, 0.05, host)
+                loss = net(batch.waveforms, batch.labels, mask, keep)[0]
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                clip_grad_norm(params, 10.0)
+                opt.step()
+            return loss
+
+        step(lambda _: contextlib.nullcontext())
+        counts[name] = count_ops(step)[0]
+        del net
+    for name, phases in counts.items():
+        print(f"  dispatches per step, {name:<22}: " + ", ".join(
+            f"{p} {c[0]}" for p, c in phases.items())
+            + f"; total {sum(c[0] for c in phases.values())}")
+    assert dist_info.enabled
 
 
 def main() -> None:
@@ -154,21 +208,28 @@ def main() -> None:
                          log_every=a.steps, save_every=10**9, warmup_fraction=0.0, lr=1e-5)
     timed_loops: dict[str, TimedStream] = {}
 
-    def loop(name: str, drop: str, ddp: bool):
+    def copying_ddp(*args, **kwargs) -> DistributedDataParallel:
+        return DistributedDataParallel(*args, **{**kwargs, "gradient_as_bucket_view": False})
+
+    def loop(name: str, drop: str, ddp: bool, bucket_view: bool = True):
         def run() -> tuple[float, float]:
             timed = TimedStream(stream(3))
-            timed_loops.setdefault(name, timed)
-            state_path = tmp / "state.pt"
+            into = timed_loops.setdefault(name, TimedStream(timed.stream))
+            if not bucket_view:  # train_iteration as it was: gradients copied out of buckets
+                pretraining.train.DistributedDataParallel = copying_ddp
             tic = time.perf_counter()
-            stats = train_iteration(models[drop], timed, iteration=1,  # type: ignore[arg-type]
-                                    steps=2 * a.steps, config=config, device=device,
-                                    state_path=state_path,
-                                    dist_info=dist_info if ddp else Dist(),
-                                    log=lambda _: None)
+            try:
+                stats = train_iteration(models[drop], timed,  # type: ignore[arg-type]
+                                        iteration=1, steps=2 * a.steps, config=config,
+                                        device=device, state_path=tmp / "state.pt",
+                                        dist_info=dist_info if ddp else Dist(),
+                                        log=lambda _: None)
+            finally:
+                pretraining.train.DistributedDataParallel = DistributedDataParallel
             total = time.perf_counter() - tic
-            timed_loops[name].wall.extend(timed.wall[2:])  # after the thread's start
-            timed_loops[name].cpu.extend(timed.cpu[2:])
-            timed_loops[name].utterances.extend(timed.utterances[2:])
+            into.wall.extend(timed.wall[2:])  # after the thread's start
+            into.cpu.extend(timed.cpu[2:])
+            into.utterances.extend(timed.utterances[2:])
             return stats["audio_per_s"], total
         return run
 
@@ -191,6 +252,8 @@ def main() -> None:
         "(c') train_iteration, no DDP, no layer drop": loop("c'", "no drop", ddp=False),
         "(d) train_iteration, DDP gloo x1, layer drop (find_unused)": loop("d", "drop", True),
         "(d') train_iteration, DDP gloo x1, no layer drop": loop("d'", "no drop", True),
+        "(d0) as (d), gradients copied out of the buckets (before)": loop("d0", "drop", True,
+                                                                          bucket_view=False),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(a.rounds + 1):  # round 0 warms up
@@ -199,16 +262,19 @@ def main() -> None:
             if round_ > 0:
                 rates[name].append(rate)
     prefetch_b.close()
+    ddp_dispatches(args["drop"], fixed, dist_info)
     torch_dist.destroy_process_group()
     med = {name: statistics.median(r) for name, r in rates.items()}
     base = med["(a) step, fixed batch"]
-    print(f"audio-s/s, median of {a.rounds} interleaved rounds of {a.steps} steps "
-          "(ratio to (a); spread min-max):")
+    print(f"audio-s/s, median of {a.rounds} interleaved rounds of {a.steps} steps (ratio to (a); "
+          f"ms/step at {fixed.seconds:g} s a batch; spread min-max):")
     for name, value in med.items():
-        print(f"  {name:<58} {value:8.1f}  {value / base:6.3f}  "
+        print(f"  {name:<60} {value:7.1f}  {value / base:6.3f}  "
+              f"{fixed.seconds / value * 1e3:6.1f} ms  "
               f"({min(rates[name]):.1f}-{max(rates[name]):.1f})")
-    c, c_, d, d_ = list(med.values())[2:]
-    print(f"  DDP against the same model: (d)/(c) {d / c:.3f}, (d')/(c') {d_ / c_:.3f}")
+    c, c_, d, d_, d0 = list(med.values())[2:]
+    print(f"  DDP against the same model: (d)/(c) {d / c:.3f}, (d')/(c') {d_ / c_:.3f}, "
+          f"(d0)/(c) {d0 / c:.3f}; bucket views: (d)/(d0) {d / d0:.3f}")
     for name, timed in {"(b)": timed_b, **{f"({k})": v for k, v in timed_loops.items()}}.items():
         if timed.wall:
             print(f"  prefetch thread {name}: {statistics.median(timed.wall) * 1e3:.2f} ms wall, "

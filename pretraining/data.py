@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pretraining.config import DataConfig
-from pretraining.model import num_frames, receptive_field
+from pretraining.model import conv_stack
 
 SAMPLE_RATE = 16_000
 CACHE_LIMIT_SECONDS = 3600.0  # corpora up to an hour are kept in memory once loaded
@@ -198,13 +198,14 @@ def collate(waves: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], model
     frame boundary, with its labels; stack. No padding."""
     if not waves:
         raise ValueError("collate: empty batch")
-    _, hop = receptive_field(model_args)
+    stack = conv_stack(model_args)  # once: the prefetch thread holds the GIL per utterance
+    hop = stack.stride
     for w, lab in zip(waves, labels, strict=True):
-        expected = num_frames(model_args, w.numel())
+        expected = stack.num_frames(w.numel())
         if lab.numel() != expected:
             raise ValueError(f"labels have {lab.numel()} frames but the audio gives {expected}")
     n = min(max_samples, min(w.numel() for w in waves))
-    t = num_frames(model_args, n)
+    t = stack.num_frames(n)
     if t < 1:
         raise ValueError(f"collate: the shortest utterance ({n} samples) gives no frame")
     wav = torch.empty(len(waves), n)
