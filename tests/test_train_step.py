@@ -405,3 +405,26 @@ def test_one_process_ddp_trains_as_no_ddp(tmp_path):
     assert any(dropped) and not all(dropped)
     assert dropped == [g is None for g in ddp[2]]
     assert all(torch.equal(a, b) for a, b in zip(plain[2], ddp[2], strict=True) if a is not None)
+
+
+def test_stream_gives_each_utterance_its_own_labels(tmp_path):
+    """Every row of every batch: the audio of one utterance and that utterance's labels."""
+    root = tmp_path / "c"
+    root.mkdir()
+    for u in range(7):  # audio of constant value u + 1, labels of value u
+        soundfile.write(root / f"utt{u:02d}.wav", np.full(int((1.0 + 0.2 * u) * SR),
+                                                          (u + 1) / 16, np.float32), SR)
+    audio = AudioSet(list_audio(root))
+    args = model_args("tiny", 8)
+    labels = {uid: torch.full((num_frames(args, int(d * SR)),), int(uid[3:]))
+              for uid, d in zip(audio.ids, audio.durations, strict=True)}
+    stream = BatchStream(audio, labels, args, batch_seconds=4.0, max_sample_seconds=3.0, seed=0,
+                         iteration=1)
+    seen = set()
+    for _ in range(10):
+        batch = next(stream)
+        for wave, lab in zip(batch.waveforms, batch.labels, strict=True):
+            u = round(float(wave[0]) * 16) - 1
+            assert torch.all(wave == (u + 1) / 16) and torch.all(lab == u)
+            seen.add(u)
+    assert seen == set(range(7))
