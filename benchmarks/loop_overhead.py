@@ -17,8 +17,8 @@ Audio-s/s of, interleaved round by round (medians over rounds):
 
 ``train_iteration``'s throughput is its own ``audio_per_s`` of the second log window (the first
 holds the warm-up). Also printed: the prefetch thread's wall and CPU time per batch (``next`` of
-the stream, timed in the thread) and the top-level aten ops (dispatches; a kernel launch each on a
-GPU, where the step is host-bound) of one micro-step without DDP and with it.
+the stream, timed in the thread) and the top-level aten ops (dispatches: host work each; those on
+device tensors launch a kernel on a GPU) of one micro-step without DDP and with it.
 
     python benchmarks/loop_overhead.py 2>/dev/null            # tqdm's bars go to stderr
     python benchmarks/loop_overhead.py --batch-seconds 7.25 --rounds 2   # 29 utterances a batch
@@ -108,7 +108,7 @@ def join_one_process_group() -> Dist:
 
 
 def ddp_dispatches(args: dict, batch: Batch, dist_info: Dist) -> None:
-    """Top-level aten ops (dispatches: a kernel launch each on a GPU) of one step of
+    """Top-level aten ops (dispatches; on device tensors a kernel launch each) of one step of
     ``train_iteration``'s micro-step: no DDP, DDP copying gradients out of its buckets, DDP with
     gradients as bucket views (the seeds, batch and model the same)."""
     counts = {}
