@@ -56,6 +56,11 @@ run_part() {
         part "$1" 120 8 torchrun --standalone --nproc_per_node 1 -m pretraining \
             --config /tmp/base_gpu.toml --schedule original --steps 200 --no-profile \
             --device cuda --out /tmp/ddp_run ;;
+    loop_no_ddp)  # the same loop in one process without DDP: what DDP costs the loop
+        sed 's/^log_every = 100/log_every = 25/; s/^save_every = 1000/save_every = 100/' \
+            pretraining/configs/base.toml > /tmp/base_gpu.toml
+        part "$1" 120 8 $PY -m pretraining --config /tmp/base_gpu.toml --schedule original \
+            --steps 200 --no-profile --device cuda --out /tmp/loop_run ;;
     # 10: the CCA engine on CUDA (and where its fits spend their time); the CUDA tests
     # 11: torchaudio's blocks vs block_forward (one q/k/v matmul), Base width, the step's shape
     blocks_ab) part "$1" 60 3 $PY benchmarks/step_host_overhead.py --block --n-blocks 12 \
@@ -80,6 +85,6 @@ transformers.__version__)"
 PARTS=("$@")
 if [ ${#PARTS[@]} -eq 0 ]; then
     PARTS=(train_eager blocks_ab train_compiled train_batch32 score_61min label_stage ddp_nccl
-           cca_engine mi_kmeans device_agreement cuda_tests conv_kernels profile_step)
+           loop_no_ddp cca_engine mi_kmeans device_agreement cuda_tests conv_kernels profile_step)
 fi
 for name in "${PARTS[@]}"; do run_part "$name"; done
