@@ -175,9 +175,10 @@ def plot_layerwise(
                     high = [s + d for s, d in zip(r.scores, r.std, strict=True)]
                     ax.fill_between(r.layers, low, high, color=colours[row][r.label],
                                     alpha=0.2, linewidth=0)
-                    spread = True
                     if "runs" in r.details:
                         pooled.add(str(r.details.get("spread", "")))
+                    else:
+                        spread = True
                 ax.annotate(r.label, (r.layers[-1], r.scores[-1]), xytext=(4, 0),
                             textcoords="offset points", fontsize=7, va="center",
                             color=colours[row][r.label])
@@ -206,11 +207,12 @@ def plot_layerwise(
                    frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    if spread:
-        what = "; ".join(sorted(pooled)) if pooled else \
-            "std over seeds (split seeds for CCA, k-means seeds for MI)"
-        fig.text(0.995, 0.005, f"bands: ±1 {what}", ha="right", va="bottom", fontsize=6,
-                 color="0.4")
+    kinds = sorted(pooled) + (["std over seeds (split seeds for CCA, k-means seeds for MI)"]
+                              if spread else [])
+    spread = bool(kinds)
+    if spread:  # what each kind of band is a std over (pooled runs, and/or seeds)
+        fig.text(0.995, 0.005, "bands: ±1 " + "; ".join(kinds), ha="right", va="bottom",
+                 fontsize=6, color="0.4")
     fig.tight_layout(rect=(0, 0.06 if show_legend else 0.02 if spread else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

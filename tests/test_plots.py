@@ -98,3 +98,27 @@ def test_the_spread_is_drawn_as_a_band_around_each_curve(tmp_path, monkeypatch):
     x, low, high = bands[0]
     assert x == [0, 1, 2]
     assert low == pytest.approx([0.09, 0.18, 0.25]) and high == pytest.approx([0.11, 0.22, 0.35])
+
+
+def test_the_footer_says_what_each_band_is_a_std_over(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    texts = []
+    original = matplotlib.figure.Figure.text
+
+    def record(self, x, y, s, **kw):
+        texts.append(s)
+        return original(self, x, y, s, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", record)
+    seeds = replace(_run_results(1, "p")[0], std=[0.01, 0.02, 0.05])
+    pooled = replace(seeds, label="pooled", details={"runs": ["a", "b", "c"],
+                                                     "spread": "std over 3 runs (ddof 1)"})
+    plot_layerwise([pooled], tmp_path / "a.png")
+    assert texts[-1] == "bands: ±1 std over 3 runs (ddof 1)"
+    plot_layerwise([pooled, seeds], tmp_path / "b.png")
+    assert texts[-1] == ("bands: ±1 std over 3 runs (ddof 1); std over seeds (split seeds for "
+                         "CCA, k-means seeds for MI)")
+    texts.clear()
+    plot_layerwise([replace(seeds, std=None)], tmp_path / "c.png")
+    assert not [t for t in texts if t.startswith("bands")]
