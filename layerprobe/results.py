@@ -238,8 +238,8 @@ def pool_runs(runs: Sequence[tuple[str, Sequence[Result]]]) -> list[Result]:
             details={"spread": f"std over {n} runs (ddof 1)", "runs": [name for name, _ in runs],
                      "seed_scores": curves, "run_std": [r.std for r in parts],
                      "run_models": [r.model for r in parts]},
-            meta={"pooled_runs": n, **{k: v for k, v in first.meta.items()
-                                       if k not in ("seconds", "timings", "created")}}))
+            meta={"pooled_runs": n, **{k: v for k, v in first.meta.items()  # not one run's
+                                       if k not in ("run", "seconds", "timings", "created")}}))
     return pooled
 
 
