@@ -141,9 +141,10 @@ def resumed_results(partial: Path, models: Sequence[str], labels: Sequence[str],
     from layerprobe.results import load_results
 
     want = json.loads(json.dumps(config.to_dict()))
+    mine = set(zip(models, labels, strict=True))
     done: dict[str, list] = {}
     for r in load_results(partial):
-        if (r.model, r.label) not in set(zip(models, labels, strict=True)):
+        if (r.model, r.label) not in mine:
             continue
         if r.meta.get("config") != want:
             changed = _changed_keys(r.meta.get("config") or {}, want)
