@@ -62,6 +62,8 @@ describes it; dead directions get weight 0); ``mean-cca`` (mean of rho over the 
 ``svcca`` (each view reduced to the principal directions explaining 99% of its train-set
 variance, then mean CCA with the same eps protocol); ``cka`` (linear CKA
 ``||Cxy||_F^2 / (||Cxx||_F ||Cyy||_F)`` on each trial's test split, no fit, mean over trials).
+``pwcca``, ``pwcca-centred`` and ``mean-cca`` have the same fits; :func:`cca_score_metrics` computes
+them once for all three (each metric's result equals its own run's).
 """
 
 from __future__ import annotations
