@@ -81,4 +81,7 @@ def format_index(rows: Sequence[dict[str, Any]], spread: str = "split seeds") ->
         lines.append(f"{row['label']:<12} {row['metric']:<14} {fmt(row, 'word_drop'):>15} "
                      f"{fmt(row, 'fbank_rise'):>15}")
     lines.append(f"(± : std over {spread}; differences smaller than that are not findings)")
+    if spread == "split seeds":  # one run: how precisely each checkpoint is measured
+        lines.append("(it leaves out training noise, which was ~20x larger on the demo: compare "
+                     "iterations or schedules over training seeds, `pretrain --seeds N`)")
     return "\n".join(lines)
