@@ -156,6 +156,8 @@ def gemm_floor(details: dict, layers: int, n_train: int, n_test: int, dim: int, 
     a = torch.randn(layers, b, dim, device=device)
     c = torch.randn(layers, dim, k, device=device)
     torch.bmm(a, c)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     reps, start = 20, time.perf_counter()
     for _ in range(reps):
         torch.bmm(a, c)
