@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from layerprobe.cca import EPS_GRID, assign_splits, cca_score, cca_score_metrics, cca_score_moments
+from layerprobe.registry import FIT_SHARING_METRICS
 from layerprobe.stats import Moments
 
 
@@ -189,7 +190,7 @@ def main() -> None:
               f"{warm / (t1 - t0):.2f} x accumulate; engine / Gram floor, warm fits: "
               f"{(t1 - t0 + warm) / floor:.2f}")
     if a.metrics:
-        fitted = ["pwcca", "pwcca-centred", "mean-cca"]
+        fitted = list(FIT_SHARING_METRICS)
         t = time.perf_counter()
         alone = {m: cca_score_moments(mom, metric=m, device=a.device) for m in fitted}
         separate = time.perf_counter() - t

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from layerprobe.registry import CCA_METRICS
+from layerprobe.registry import CCA_METRICS, FIT_SHARING_METRICS
 from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
 
 __all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
@@ -837,7 +837,7 @@ def cca_score_metrics(moments: Moments, metrics: Sequence[str], *, n_trials: int
                       f" dimensions): below {MIN_ITEMS_PER_DIMENSION:g} the ranking of layers "
                       "was measured to be noise; read scores with their std, or use more data",
                       UserWarning, stacklevel=2)
-    fitted = [m for m in metrics if m not in ("cka", "svcca")]
+    fitted = [m for m in metrics if m in FIT_SHARING_METRICS]
     runs: dict[str, list] = {m: [] for m in metrics}
     on_cpu = torch.device(device if device is not None else moments.device).type == "cpu"
     with _cpu_threads(1 if on_cpu and not _wide(moments) else None):
@@ -936,7 +936,7 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
             dev = centred([dev_s]).layer(union)
         records: dict[str, list[dict]] = {}
         shared = {m: [layer in todo[m] for layer in union] for m in metrics
-                  if m not in ("cka", "svcca") and todo[m]}
+                  if m in FIT_SHARING_METRICS and todo[m]}
         if shared:
             sub = None
             if nulls is not None:

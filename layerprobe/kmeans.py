@@ -233,8 +233,7 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
         best = after.sum(-1, dtype=torch.float64).argmin(-1, keepdim=True)  # [L, R, 1]
         rows[j] = picks.gather(2, best)[..., 0]
         closest = after.gather(2, best[..., None].expand(L, R, 1, m))[:, :, 0]
-    centroids = x[torch.arange(L, device=dev)[None, :, None], rows.permute(2, 1, 0)]
-    return centroids
+    return x[layer[None], rows.permute(2, 1, 0)]  # [R, L, k, d]
 
 
 def _fill_empty(x: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,

@@ -8,6 +8,7 @@ ALL_PROBES: tuple[str, ...] = (*PROBES, *OPTIONAL_PROBES)
 SEGMENT_PROBES: tuple[str, ...] = ("phone", "word", "word-embedding")  # items with class labels
 
 CCA_METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
+FIT_SHARING_METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca")  # same fits
 MI_METRICS: tuple[str, ...] = ("mi",)
 ALL_METRICS: tuple[str, ...] = (*CCA_METRICS, *MI_METRICS)
 ALL_CHOICE_METRICS: tuple[str, ...] = ("pwcca", "mi")  # what ``--metric all`` means
