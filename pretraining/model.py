@@ -285,7 +285,8 @@ class PretrainStep(torch.nn.Module):
         x = x.flatten(0, 1)  # [B * T, D]: the blocks' linears run on 2-D inputs
         for i, (block, run) in enumerate(zip(transformer.layers, keep, strict=True)):
             if run:
-                x = self._compiled.get(f"block{i}", partial(block_forward, block))(x, batch)
+                compiled = self._compiled.get(f"block{i}")
+                x = compiled(x, batch) if compiled else block_forward(block, x, batch)
         if not transformer.layer_norm_first:
             x = transformer.layer_norm(x)
         head = model.logit_generator
