@@ -308,14 +308,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pool(args: argparse.Namespace) -> int:
     from layerprobe.autoencoder import autoencoder_index, format_index
-    from layerprobe.labels import unique_labels
     from layerprobe.results import load_results, pool_runs, save_results
     from layerprobe.score import summary_table
 
     check_outputs(args.out, figures=[args.plot])
-    names = unique_labels([str(path.parent) for path in args.results])
-    pooled = pool_runs([(name, load_results(path))
-                        for name, path in zip(names, args.results, strict=True)])
+    # each run is named by its file, so an error names the file that does not fit
+    pooled = pool_runs([(str(path), load_results(path)) for path in args.results])
     print(summary_table(pooled))
     rows = autoencoder_index(pooled)
     if rows:

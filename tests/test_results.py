@@ -215,4 +215,9 @@ def test_pool_runs_gives_the_mean_and_the_spread_over_runs(tmp_path, capsys):
     assert main(["pool", *map(str, files), "--out", str(tmp_path / "pooled.json")]) == 0
     out = capsys.readouterr().out
     assert "± : std over 3 runs" in out
-    assert load_results(tmp_path / "pooled.json") == pooled
+    # the command names each run by its file
+    assert load_results(tmp_path / "pooled.json") == \
+        pool_runs([(str(f), rs) for f, (_, rs) in zip(files, runs, strict=True)])
+    save_results(runs[1][1][:1], files[1])
+    assert main(["pool", *map(str, files), "--out", str(tmp_path / "pooled.json")]) == 1
+    assert f"{files[1]}: not the same results as {files[0]}" in capsys.readouterr().err
