@@ -69,13 +69,17 @@ run_part() {
     mi_kmeans) part "$1" 120 8 $PY benchmarks/score_end_to_end.py --kmeans --device cuda \
         --layers 3 --items 20000 --clusters 500 ;;
     cca_engine) part "$1" 60 12 $PY benchmarks/cca_engine.py --device cuda --metrics ;;
+    # the fits with the host's LAPACK on one thread (the split of the host SVD off), same card
+    cca_engine_1t) part "$1" 60 5 $PY benchmarks/cca_engine.py --device cuda --threads 1 \
+        --ref-layers 0 ;;
     cca_cpu) part "$1" 90 6 $PY benchmarks/cca_engine.py --device cpu --ref-layers 0 \
         --threads 16 ;;
     cca_profile) part "$1" 60 60 $PY benchmarks/cca_engine.py --device cuda --ref-layers 0 \
         --profile ;;
     device_agreement) part "$1" 240 8 $PY benchmarks/device_agreement.py --preset base ;;
     cuda_tests) part "$1" 90 4 $PY -m pytest -q -p no:cacheprovider tests/test_extract.py \
-        tests/test_precision.py tests/test_models.py -k "cuda or device or precision" ;;
+        tests/test_precision.py tests/test_models.py tests/test_kmeans.py \
+        -k "cuda or device or precision" ;;
     *) echo "unknown part $1" ;;
     esac
 }

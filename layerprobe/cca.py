@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,22 +146,46 @@ def _inv_sqrt_diag(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     return d, bad
 
 
+def _thin_svd_host(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin ``(U, V^T)`` of host matrices ``m`` [g, a, b] by LAPACK (see :func:`_thin_svd`)."""
+    if m.shape[-2] >= m.shape[-1]:
+        q, r = torch.linalg.qr(m)
+        ur, _, vh = torch.linalg.svd(r)
+        return q @ ur, vh
+    q, r = torch.linalg.qr(m.mT)
+    u, _, vhr = torch.linalg.svd(r.mT)
+    return u, vhr @ q.mT
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _lapack_pool(workers: int) -> ThreadPoolExecutor:
+    """A lasting pool of ``workers`` threads, each running torch on one CPU thread."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="layerprobe-lapack",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[workers]
+
+
 def _thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin ``(U, V^T)`` of ``m`` [g, a, b]: a QR of the tall side, then the SVD of its square
     factor (torch's batched CPU SVD is slow for tall m). Computed by LAPACK on the host whatever
     the device, so both devices use the same algorithm: on an H200 torch's batched Jacobi SVD
-    took 30 ms a call, two thirds of the fits' device time. (The QR alone was faster on the
-    device there, 3 ms against 7 ms on the host; this split was not timed.)"""
+    took 30 ms a call, two thirds of the fits' device time.
+
+    torch runs a batch's LAPACK calls one after another, so the batch is split over up to
+    ``torch.get_num_threads()`` threads, one LAPACK thread each (a matrix's result does not
+    depend on the split): on an H200's 16-core host the host QR + SVD of [13, 768, 80] had been
+    ~20 ms a call, two thirds of the warm fits' wall time."""
     host = m.cpu()
+    workers = min(torch.get_num_threads(), host.shape[0])
     with _cpu_threads(1):  # small LAPACK calls: see _cpu_threads
-        if host.shape[-2] >= host.shape[-1]:
-            q, r = torch.linalg.qr(host)
-            ur, _, vh = torch.linalg.svd(r)
-            u = q @ ur
+        if workers < 2:
+            u, vh = _thin_svd_host(host)
         else:
-            q, r = torch.linalg.qr(host.mT)
-            u, _, vhr = torch.linalg.svd(r.mT)
-            vh = vhr @ q.mT
+            parts = list(_lapack_pool(workers).map(_thin_svd_host, host.tensor_split(workers)))
+            u, vh = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return u.to(m.device), vh.to(m.device)
 
 

@@ -4,7 +4,7 @@ One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` aga
 ``[L, k, d]`` (a single set is ``L = 1``). Steps:
 
 - init: greedy k-means++ (as scikit-learn: each centroid the best of ``2 + ln k`` candidates
-  drawn ∝ squared distance; seeded ``torch.Generator`` on the data's device), batched over
+  drawn ∝ squared distance), batched over
   layers, the ``n_init`` seedings in lockstep on one random sample of ``init_size`` rows
   (default as scikit-learn: 3 batches, or 3 k when that is fewer than k); the candidates'
   distances are rows of one ``[m, m]`` distance matrix per layer when it fits ``memory_mb``;
@@ -24,7 +24,10 @@ so a seed gives the same clusters on the CPU whatever the chunk size; the distan
 centroid (inertia, empty-cluster refills) is then computed directly as ``||x − c||²``. Empty
 Lloyd clusters take the rows farthest from their centroids. Inertia is summed in float64. Each
 layer stops when it converges (its centroids frozen), so a layer ends as it would alone. On the
-CPU (float32 distances, ``index_add_`` cluster sums) a seed gives the same result every run.
+CPU (float32 distances, ``index_add_`` cluster sums) a seed gives the same result every run. The
+random numbers come from host generators on every device, so a seed draws the same rows and
+candidates on the CPU and on CUDA, whose results then differ only where rounding moves an
+assignment (a difference of random streams would be as large as a change of seed).
 
 ``backend = "sklearn"`` runs scikit-learn's ``MiniBatchKMeans`` per layer with the same settings
 (the reference implementation).
@@ -182,9 +185,9 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
     L, m, d = x.shape
     R, trials = len(gens), 2 + int(math.log(k))
     dev = x.device
-    first = torch.cat([torch.randint(m, (1,), generator=g, device=dev) for g in gens])  # [R]
-    uniforms = torch.stack([torch.rand(k, trials, generator=g, device=dev, dtype=torch.float64)
-                            for g in gens], dim=1)  # [k, R, trials]
+    first = torch.cat([torch.randint(m, (1,), generator=g) for g in gens]).to(dev)  # [R]
+    uniforms = torch.stack([torch.rand(k, trials, generator=g, dtype=torch.float64)
+                            for g in gens], dim=1).to(dev)  # [k, R, trials]
     per_layer = 4 * m * m
     group = int(memory_mb * 2**20 // per_layer)
     if group < 1 or R * (trials * (k - 1) + 1) < m:  # no room, or fewer distances than a Gram
@@ -281,7 +284,7 @@ def _reassign_starved(xb: torch.Tensor, centroids: torch.Tensor, counts: torch.T
     L, b, _ = xb.shape
     starved = (counts < ratio * counts.amax(-1, keepdim=True)) & due[:, None]
     starved &= counts.argsort(dim=-1, stable=True).argsort(dim=-1) < b // 2  # rank by count
-    rows = torch.randperm(b, generator=gen, device=xb.device)
+    rows = torch.randperm(b, generator=gen).to(xb.device)
     slot = (starved.long().cumsum(-1) - 1).clamp_(0, b - 1)  # j-th starved centroid: row j
     layer = torch.arange(L, device=xb.device)[:, None]
     centroids = torch.where(starved[..., None], xb[layer, rows[slot]], centroids)
@@ -313,7 +316,7 @@ def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
     x_sq = x.pow(2).sum(-1)  # [L, n]
     xb_all = torch.empty(L, b, d, dtype=x.dtype, device=dev)  # reused: no allocation a step
     for step in range(max(1, config.max_iter * n // b)):
-        rows = torch.randint(n, (b,), generator=gen, device=dev)
+        rows = torch.randint(n, (b,), generator=gen).to(dev)
         xb = xb_all[:live.numel()]
         torch.index_select(x.view(L * n, d), 0, (rows + live[:, None] * n).flatten(),
                            out=xb.view(-1, d))
@@ -375,16 +378,18 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
     # scikit-learn's default: 3 batches, or 3 k when that is fewer than k rows
     init_size = min(n, config.init_size or (3 * b if 3 * b >= n_clusters else 3 * n_clusters))
-    run = torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + config.n_init)
+    # random numbers are drawn on the host (a few thousand a step) whatever the device, so a seed
+    # draws the same ones on the CPU and on CUDA: the devices then differ by rounding only
+    run = torch.Generator().manual_seed(int(seed) * 1_000_003 + config.n_init)
     # the n_init seedings share one sample of init_size rows (read once per centroid for all)
     sample = t if init_size >= n else \
-        t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
-    gens = [torch.Generator(device=t.device).manual_seed(int(seed) * 1_000_003 + restart)
+        t[:, torch.randperm(n, generator=run)[:init_size].to(t.device)]
+    gens = [torch.Generator().manual_seed(int(seed) * 1_000_003 + restart)
             for restart in range(config.n_init)]
     seedings = _kmeans_pp(sample, n_clusters, gens, memory_mb=config.memory_mb)
     # mini-batch: the seeding with the lowest inertia on another sample is run (scikit-learn)
     validation = None if lloyd else \
-        t[:, torch.randperm(n, generator=run, device=t.device)[:init_size]]
+        t[:, torch.randperm(n, generator=run)[:init_size].to(t.device)]
     best: torch.Tensor | None = None
     best_inertia = torch.full((L,), math.inf, dtype=torch.float64, device=t.device)
     best_steps = torch.zeros(L, dtype=torch.int64, device=t.device)

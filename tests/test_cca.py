@@ -409,3 +409,27 @@ def test_metrics_scored_together_equal_each_metric_alone():
     assert len(set(map(tuple, (together[m].scores for m in metrics)))) == len(metrics)
     with pytest.raises(ValueError, match="metric must be one of"):
         cca_score_metrics(mom, ["pwcca", "nope"])
+
+
+@pytest.mark.parametrize("shape", [(5, 40, 6), (3, 6, 40)])
+def test_thin_svd_split_over_threads_equals_one_thread(shape):
+    """The host SVD splits a batch over torch's thread count (one LAPACK thread each): the same
+    bits as one thread, and a thin SVD of each matrix (U^T U = I, U S V^T = m)."""
+    from layerprobe.cca import _thin_svd
+
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        u1, vh1 = _thin_svd(m)
+        torch.set_num_threads(3)
+        u3, vh3 = _thin_svd(m)
+        assert torch.get_num_threads() == 3  # restored after the pinned LAPACK calls
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(u1, u3) and torch.equal(vh1, vh3)
+    k = min(shape[1:])
+    assert u1.shape == (shape[0], shape[1], k) and vh1.shape == (shape[0], k, shape[2])
+    s = torch.linalg.svdvals(m)
+    torch.testing.assert_close(u1 @ torch.diag_embed(s) @ vh1, m)
+    torch.testing.assert_close(u1.mT @ u1, torch.eye(k, dtype=m.dtype).expand(shape[0], k, k))

@@ -157,3 +157,20 @@ def test_sklearn_backend_and_errors():
         KMeansConfig(backend="faiss")
     with pytest.raises(ValueError, match=r"\[L, n, d\]"):
         kmeans_fit(np.zeros(5), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch_size", [0, 256])
+def test_a_seed_gives_the_same_clusters_on_cpu_and_cuda(batch_size):
+    """The random numbers come from host generators on either device: CUDA's clusters are the
+    CPU's up to rounding, much closer than another seed's on the CPU."""
+    x, _ = _layers(n_layers=2, n=3000, k=5, spread=2.0)  # overlapping: the seed matters
+    config = KMeansConfig(batch_size=batch_size, n_init=2)
+    cpu = kmeans_fit(x, 24, config=config, seed=1)
+    cuda = kmeans_fit(x, 24, config=config, seed=1, device="cuda")
+    other = kmeans_fit(x, 24, config=config, seed=2)
+    for layer in range(2):
+        ids = kmeans_predict(x[layer], cpu.centroids[layer])
+        same = adjusted_rand_score(ids, kmeans_predict(x[layer], cuda.centroids[layer].cpu()))
+        reseeded = adjusted_rand_score(ids, kmeans_predict(x[layer], other.centroids[layer]))
+        assert same > 0.98 and same > reseeded + 0.05, (layer, same, reseeded)
