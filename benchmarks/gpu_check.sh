@@ -68,6 +68,9 @@ run_part() {
     # 10: MI's k-means alone (torch on the GPU vs scikit-learn on the host), published settings
     mi_kmeans) part "$1" 120 8 $PY benchmarks/score_end_to_end.py --kmeans --device cuda \
         --layers 3 --items 20000 --clusters 500 ;;
+    # 10: the same k-means on the host's CPU cores, torch against scikit-learn (the CPU 10x)
+    mi_kmeans_cpu) part "$1" 150 8 $PY benchmarks/score_end_to_end.py --kmeans --device cpu \
+        --layers 3 --items 20000 --clusters 500 ;;
     cca_engine) part "$1" 60 12 $PY benchmarks/cca_engine.py --device cuda --metrics ;;
     # the fits with the host's LAPACK on one thread (the split of the host SVD off), same card
     cca_engine_1t) part "$1" 60 5 $PY benchmarks/cca_engine.py --device cuda --threads 1 \
@@ -89,6 +92,7 @@ transformers.__version__)"
 PARTS=("$@")
 if [ ${#PARTS[@]} -eq 0 ]; then
     PARTS=(train_eager blocks_ab train_compiled train_batch32 score_61min label_stage ddp_nccl
-           loop_no_ddp cca_engine mi_kmeans device_agreement cuda_tests conv_kernels profile_step)
+           loop_no_ddp cca_engine mi_kmeans mi_kmeans_cpu device_agreement cuda_tests conv_kernels
+           profile_step)
 fi
 for name in "${PARTS[@]}"; do run_part "$name"; done

@@ -68,6 +68,7 @@ them once for all three (each metric's result equals its own run's).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +159,7 @@ def _thin_svd_host(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the threads
 
 
 def _lapack_pool(workers: int) -> ThreadPoolExecutor:
