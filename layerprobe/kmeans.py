@@ -4,10 +4,10 @@ One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` aga
 ``[L, k, d]`` (a single set is ``L = 1``). Steps:
 
 - init: greedy k-means++ (as scikit-learn: each centroid the best of ``2 + ln k`` candidates
-  drawn ∝ squared distance), batched over
-  layers, the ``n_init`` seedings in lockstep on one random sample of ``init_size`` rows
-  (default as scikit-learn: 3 batches, or 3 k when that is fewer than k); the candidates'
-  distances are rows of one ``[m, m]`` distance matrix per layer when it fits ``memory_mb``;
+  drawn ∝ squared distance), batched over layers, the ``n_init`` seedings in lockstep on one
+  random sample of ``init_size`` rows (default as scikit-learn: 3 batches, or 3 k when that is
+  fewer than k); the candidates' distances are rows of one ``[m, m]`` distance matrix per layer
+  when it fits ``memory_mb``;
 - mini-batch (the default), as scikit-learn's ``MiniBatchKMeans`` (Sculley 2010): each step
   draws ``batch_size`` rows with replacement, moves every centroid to the running mean of the rows
   it took (learning rate ``1/count``) and, every ``10 k`` rows or while a centroid has taken none,
