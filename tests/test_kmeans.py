@@ -54,7 +54,8 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
     assert torch.equal(whole, exact)
     for batch_size in (0, 64):
         config = KMeansConfig(batch_size=batch_size, n_init=2)
-        small = KMeansConfig(batch_size=batch_size, n_init=2, memory_mb=1e-3)
+        small = KMeansConfig(batch_size=batch_size, n_init=2, memory_mb=1e-3,
+                             seeding_memory_mb=1e-3)  # and the seeding without a matrix
         a = kmeans_fit(x, 8, config=config, seed=4)
         b = kmeans_fit(x, 8, config=small, seed=4)
         # the same assignments; cluster sums grouped by chunk: equal to float rounding
@@ -155,6 +156,8 @@ def test_sklearn_backend_and_errors():
         kmeans_fit(bad, 2)
     with pytest.raises(ValueError, match="backend"):
         KMeansConfig(backend="faiss")
+    with pytest.raises(ValueError, match="seeding_memory_mb must be > 0"):
+        KMeansConfig(seeding_memory_mb=0)
     with pytest.raises(ValueError, match=r"\[L, n, d\]"):
         kmeans_fit(np.zeros(5), 1)
 
