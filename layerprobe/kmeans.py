@@ -16,7 +16,9 @@ One fit clusters ``L`` independent data sets at once: features ``[L, n, d]`` aga
   (the first step not monitored), or after ``max_iter × rows / batch_size`` steps. Only the
   seeding with the lowest inertia on a validation sample of ``init_size`` rows is run;
 - or Lloyd (``batch_size = 0`` or >= the rows): full passes from every seeding until the relative
-  inertia decrease is at most ``tol``; the lowest inertia (on all rows) wins, per layer.
+  inertia decrease is at most ``tol``; the lowest inertia (on all rows) wins, per layer. (With no
+  more rows than a batch scikit-learn keeps drawing batches with replacement; on the bundled
+  corpus's 613 word items the two agreed within the spread over seeds: median 0.33 stds.)
 
 Distances are ``||x||² − 2 x·c + ||c||²`` with float32 matmuls, in row chunks so that no
 ``[L, rows, k]`` block exceeds ``memory_mb``; assignments are ``argmin`` (first index on ties),
