@@ -118,24 +118,29 @@ def chunk_rows(n_layers: int, k: int, memory_mb: float) -> int:
 
 
 def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0,
-                   exact: bool = True, x_sq: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   exact: bool = True, x_sq: torch.Tensor | None = None,
+                   buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row: x ``[L, n, d]``, centroids ``[L, k, d]`` → (ids ``[L, n]``
     int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``.
     ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c, with
-    the rows' squared norms ``x_sq`` ``[L, n]`` when given)."""
+    the rows' squared norms ``x_sq`` ``[L, n]`` when given). ``buffer``: a float32 tensor of
+    ``L · rows · k`` elements or more that holds the distance blocks (no allocation per call)."""
     L, n, d = x.shape
     if centroids.ndim != 3 or centroids.shape[0] != L or centroids.shape[2] != d:
         raise ValueError(f"centroids must be [{L}, k, {d}], got {tuple(centroids.shape)}")
     c = centroids.to(device=x.device, dtype=torch.float32)
+    k = c.shape[1]
     c_sq = c.pow(2).sum(-1)  # [L, k]
-    step = chunk_rows(L, c.shape[1], memory_mb)
+    step = chunk_rows(L, k, memory_mb)
     ids = torch.empty(L, n, dtype=torch.int64, device=x.device)
     dist = torch.empty(L, n, dtype=torch.float32, device=x.device)
     layer = torch.arange(L, device=x.device)[:, None]
     for start in range(0, n, step):
         xs = x[:, start:start + step]
-        d2 = torch.baddbmm(c_sq[:, None, :], xs, c.mT, alpha=-2.0)  # [L, m, k]
+        size = L * xs.shape[1] * k
+        out = None if buffer is None or buffer.numel() < size else \
+            buffer.view(-1)[:size].view(L, -1, k)
+        d2 = torch.baddbmm(c_sq[:, None, :], xs, c.mT, alpha=-2.0, out=out)  # [L, m, k]
         best, arg = d2.min(dim=-1)
         ids[:, start:start + step] = arg
         if exact:
@@ -238,8 +243,8 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
         # all rows already centroids (duplicates): pick uniformly
         uniform = (torch.ceil(uniforms[j] * m).long() - 1).clamp_(0, m - 1)
         picks = torch.where(total > 0, picks, uniform)  # [L, R, trials]
-        after = torch.minimum(closest[:, :, None],
-                              sq_distances(picks.flatten(1, 2)).view(L, R, trials, m))
+        candidates = sq_distances(picks.flatten(1, 2)).view(L, R, trials, m)  # a new tensor
+        after = torch.minimum(closest[:, :, None], candidates, out=candidates)
         best = after.sum(-1, dtype=torch.float64).argmin(-1, keepdim=True)  # [L, R, 1]
         rows[j] = picks.gather(2, best)[..., 0]
         closest = after.gather(2, best[..., None].expand(L, R, 1, m))[:, :, 0]
@@ -289,9 +294,12 @@ def _reassign_starved(xb: torch.Tensor, centroids: torch.Tensor, counts: torch.T
     to random rows of the batch xb ``[L, b, d]`` (drawn without replacement, shared by the
     layers) and take the smallest count of the others."""
     L, b, _ = xb.shape
+    rows = torch.randperm(b, generator=gen)  # drawn on every call, so the stream stays the same
+    if not bool(due.any()):  # nothing to move: the same result without the [L, k, d] passes
+        return centroids, counts
     starved = (counts < ratio * counts.amax(-1, keepdim=True)) & due[:, None]
     starved &= counts.argsort(dim=-1, stable=True).argsort(dim=-1) < b // 2  # rank by count
-    rows = torch.randperm(b, generator=gen).to(xb.device)
+    rows = rows.to(xb.device)
     slot = (starved.long().cumsum(-1) - 1).clamp_(0, b - 1)  # j-th starved centroid: row j
     layer = torch.arange(L, device=xb.device)[:, None]
     centroids = torch.where(starved[..., None], xb[layer, rows[slot]], centroids)
@@ -322,6 +330,7 @@ def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
     x = x.contiguous()
     x_sq = x.pow(2).sum(-1)  # [L, n]
     xb_all = torch.empty(L, b, d, dtype=x.dtype, device=dev)  # reused: no allocation a step
+    d2_all = torch.empty(L * min(b, chunk_rows(L, k, config.memory_mb)) * k, device=dev)
     for step in range(max(1, config.max_iter * n // b)):
         rows = torch.randint(n, (b,), generator=gen).to(dev)
         xb = xb_all[:live.numel()]
@@ -332,13 +341,15 @@ def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
         due = (counts == 0).any(-1) | (since_reassign >= 10 * k)
         since_reassign = torch.where(due, torch.zeros_like(since_reassign), since_reassign)
         ids, dist = assign_chunked(xb, centroids, memory_mb=config.memory_mb, exact=False,
-                                   x_sq=x_sq.index_select(1, rows))
+                                   x_sq=x_sq.index_select(1, rows), buffer=d2_all)
         batch_inertia = dist.double().mean(-1)
         sums, n_b = _cluster_sums(xb, ids, k, torch.float32, config.memory_mb)
         counts += n_b
         # c ← c + (sum_b − n_b c) / count: the running mean of every row the centroid took
-        centroids = centroids + (sums - n_b[..., None] * centroids) / \
-            counts.clamp_min(1)[..., None]
+        # (in place on one temporary, the same operations: IEEE addition is commutative)
+        move = n_b[..., None] * centroids
+        torch.sub(sums, move, out=move).div_(counts.clamp_min(1)[..., None])
+        centroids = move.add_(centroids)
         if config.reassignment_ratio > 0:
             centroids, counts = _reassign_starved(xb, centroids, counts, due,
                                                   config.reassignment_ratio, gen)

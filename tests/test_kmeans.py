@@ -50,6 +50,11 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
     whole, dist = assign_chunked(x, centroids, memory_mb=1024)
     chunked, dist_chunked = assign_chunked(x, centroids, memory_mb=1e-3)  # a few rows a chunk
     assert torch.equal(whole, chunked) and torch.equal(dist, dist_chunked)
+    for size in (3 * 700 * 40, 10):  # a reused distance buffer; one too small is not used
+        buffer = torch.full((size,), float("nan"))
+        ids, d2 = assign_chunked(x, centroids, memory_mb=1024, buffer=buffer)
+        assert torch.equal(ids, whole) and torch.equal(d2, dist)
+        assert bool(torch.isnan(buffer).any()) == (size == 10)
     exact = torch.cdist(x.double(), centroids.double()).argmin(-1)
     assert torch.equal(whole, exact)
     for batch_size in (0, 64):
