@@ -190,7 +190,10 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
     Candidates are rows of x, so when a layer's ``[m, m]`` float32 distance matrix fits
     ``memory_mb`` it is computed once (one Gram matmul: ``m`` rows instead of
     ``(k - 1) · R · (2 + ln k)``) and the candidates' distances are its rows, layers taken in
-    groups that fit; otherwise each step computes them (one read of x for all seedings).
+    groups that fit; otherwise each step computes them (one read of x for all seedings). Each
+    group runs the ``k``-step loop again, which costs little on the CPU (the steps' work scales
+    with the group) but on CUDA, where each step is a dozen small launches, repeats that host
+    time: there the matrix is used only when every layer fits one group.
     The layers share the random numbers (each layer's draw is still a k-means++ draw from its own
     distances), so a layer gets the same centroids alone as in a batch."""
     L, m, d = x.shape
@@ -201,6 +204,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
                             for g in gens], dim=1).to(dev)  # [k, R, trials]
     per_layer = 4 * m * m
     group = int(memory_mb * 2**20 // per_layer)
+    if dev.type != "cpu" and group < L:  # launch-bound loop: one pass over the layers at most
+        group = 0
     if group < 1 or R * (trials * (k - 1) + 1) < m:  # no room, or fewer distances than a Gram
         return _seed_layers(x, k, first, uniforms, None)
     parts = []
