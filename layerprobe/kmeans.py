@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from layerprobe.stats import check_finite
+
 __all__ = ["KMeansConfig", "KMeansFit", "kmeans_fit", "kmeans_predict", "assign_chunked"]
 
 BACKENDS = ("torch", "sklearn")
@@ -93,10 +95,11 @@ class KMeansConfig:
 
 @dataclass(frozen=True)
 class KMeansFit:
-    """Centroids ``[L, k, d]`` (float32), per-layer inertia on the fitted rows and steps run."""
+    """Centroids ``[L, k, d]`` (float32), per-layer inertia on the fitted rows (None when not
+    computed) and steps run."""
 
     centroids: torch.Tensor
-    inertia: list[float]
+    inertia: list[float] | None
     n_steps: list[int]
 
 
@@ -119,12 +122,14 @@ def chunk_rows(n_layers: int, k: int, memory_mb: float) -> int:
 
 def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float = 256.0,
                    exact: bool = True, x_sq: torch.Tensor | None = None,
-                   buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   buffer: torch.Tensor | None = None, distances: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row: x ``[L, n, d]``, centroids ``[L, k, d]`` → (ids ``[L, n]``
     int64, squared distances ``[L, n]`` float32), in row chunks within ``memory_mb``.
     ``exact``: distances as ``||x − c||²`` (else the expanded form, which cancels near c, with
     the rows' squared norms ``x_sq`` ``[L, n]`` when given). ``buffer``: a float32 tensor of
-    ``L · rows · k`` elements or more that holds the distance blocks (no allocation per call)."""
+    ``L · rows · k`` elements or more that holds the distance blocks (no allocation per call).
+    ``distances=False``: ids only (the distances returned are empty)."""
     L, n, d = x.shape
     if centroids.ndim != 3 or centroids.shape[0] != L or centroids.shape[2] != d:
         raise ValueError(f"centroids must be [{L}, k, {d}], got {tuple(centroids.shape)}")
@@ -133,22 +138,42 @@ def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float
     c_sq = c.pow(2).sum(-1)  # [L, k]
     step = chunk_rows(L, k, memory_mb)
     ids = torch.empty(L, n, dtype=torch.int64, device=x.device)
-    dist = torch.empty(L, n, dtype=torch.float32, device=x.device)
-    layer = torch.arange(L, device=x.device)[:, None]
+    dist = torch.empty(L, n if distances else 0, dtype=torch.float32, device=x.device)
     for start in range(0, n, step):
         xs = x[:, start:start + step]
         size = L * xs.shape[1] * k
         out = None if buffer is None or buffer.numel() < size else \
             buffer.view(-1)[:size].view(L, -1, k)
         d2 = torch.baddbmm(c_sq[:, None, :], xs, c.mT, alpha=-2.0, out=out)  # [L, m, k]
+        if not distances:
+            ids[:, start:start + step] = d2.argmin(dim=-1)
+            continue
         best, arg = d2.min(dim=-1)
         ids[:, start:start + step] = arg
         if exact:
-            dist[:, start:start + step] = (xs - c[layer, arg]).pow(2).sum(-1)
+            _exact_distances(xs, c, arg, out=dist[:, start:start + step])
         else:
             norms = xs.pow(2).sum(-1) if x_sq is None else x_sq[:, start:start + step]
             dist[:, start:start + step] = (best + norms).clamp_min_(0.0)
     return ids, dist
+
+
+def _exact_distances(x: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor,
+                     rows: int = 512) -> None:
+    """``||x − c[ids]||²`` into out ``[L, n]`` for x ``[L, n, d]``, c ``[L, k, d]``, ids
+    ``[L, n]``: the differences in blocks of ``rows`` rows, one reused buffer (cache-sized,
+    no ``[L, n, d]`` temporary)."""
+    L, n, d = x.shape
+    k = c.shape[1]
+    flat = c.reshape(L * k, d)
+    offset = torch.arange(L, device=x.device)[:, None] * k
+    buffer = torch.empty(L * min(rows, n) * d, dtype=c.dtype, device=x.device)
+    for start in range(0, n, rows):
+        size = min(rows, n - start)
+        diff = buffer[:L * size * d].view(L, size, d)
+        torch.index_select(flat, 0, (ids[:, start:start + size] + offset).flatten(),
+                           out=diff.view(-1, d))
+        out[:, start:start + size] = diff.sub_(x[:, start:start + size]).pow_(2).sum(-1)
 
 
 def _cluster_sums(x: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype,
@@ -188,7 +213,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
     run in lockstep: x ``[L, m, d]`` → centroids ``[R, L, k, d]`` for ``R = len(gens)``.
 
     Candidates are rows of x, so when a layer's ``[m, m]`` float32 distance matrix fits
-    ``memory_mb`` it is computed once (one Gram matmul: ``m`` rows instead of
+    ``memory_mb`` it is computed once (half a Gram matmul: ``m / 2`` rows instead of
     ``(k - 1) · R · (2 + ln k)``) and the candidates' distances are its rows, layers taken in
     groups that fit; otherwise each step computes them (one read of x for all seedings). Each
     group runs the ``k``-step loop again, which costs little on the CPU (the steps' work scales
@@ -211,12 +236,25 @@ def _kmeans_pp(x: torch.Tensor, k: int, gens: list[torch.Generator], *,
     parts = []
     for start in range(0, L, group):
         xs = x[start:start + group]
-        x_sq = xs.pow(2).sum(-1)
-        # in place: one [g, m, m] array at a time (the sum of norms is the GEMM's C)
-        dist = (x_sq[:, :, None] + x_sq[:, None, :]).baddbmm_(xs, xs.mT, alpha=-2.0)
-        parts.append(_seed_layers(xs, k, first, uniforms, dist.clamp_min_(0.0)))
-        del dist
+        parts.append(_seed_layers(xs, k, first, uniforms, _squared_distance_matrix(xs)))
     return torch.cat(parts, dim=1)
+
+
+def _squared_distance_matrix(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Squared distances ``[L, m, m]`` between the rows of x ``[L, m, d]``: the upper triangle
+    in row blocks (one Gram matmul each, the sum of norms as its C), the lower one copied from
+    it, so about half the FLOPs of one ``[m, m]`` matmul (on the CPU the same bits: each
+    element is the same dot product)."""
+    L, m, _ = x.shape
+    x_sq = x.pow(2).sum(-1)
+    dist = torch.empty(L, m, m, dtype=x.dtype, device=x.device)
+    for start in range(0, m, block):
+        end = min(start + block, m)
+        upper = dist[:, start:end, start:]  # rows of this block, columns from its diagonal on
+        torch.add(x_sq[:, start:end, None], x_sq[:, None, start:], out=upper)
+        upper.baddbmm_(x[:, start:end], x[:, start:].mT, alpha=-2.0).clamp_min_(0.0)
+        dist[:, end:, start:end] = dist[:, start:end, end:].mT
+    return dist
 
 
 def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.Tensor,
@@ -230,9 +268,14 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
     layer = torch.arange(L, device=dev)[:, None]
     x_sq = x.pow(2).sum(-1) if dist is None else None  # [L, m]
 
+    offset = layer * m
+    buffer = torch.empty(L * R * trials * m if dist is not None else 0, device=dev)
+
     def sq_distances(rows: torch.Tensor) -> torch.Tensor:  # row ids [L, q] → [L, q, m]
-        if dist is not None:
-            return dist[layer, rows]
+        if dist is not None:  # into a reused buffer (the caller's result is a new tensor)
+            out = buffer[:rows.numel() * m].view(-1, m)
+            return torch.index_select(dist.view(L * m, m), 0, (rows + offset).flatten(),
+                                      out=out).view(L, -1, m)
         assert x_sq is not None
         c = x[layer, rows]
         xc = torch.bmm(c, x.mT)
@@ -240,7 +283,7 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
 
     rows = torch.empty(k, L, R, dtype=torch.int64, device=dev)  # the chosen rows
     rows[0] = first
-    closest = sq_distances(first.expand(L, R))  # [L, R, m]
+    closest = sq_distances(first.expand(L, R)).clone()  # [L, R, m]
     for j in range(1, k):
         cum = closest.cumsum(-1, dtype=torch.float64)
         total = cum[..., -1:]
@@ -248,7 +291,7 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
         # all rows already centroids (duplicates): pick uniformly
         uniform = (torch.ceil(uniforms[j] * m).long() - 1).clamp_(0, m - 1)
         picks = torch.where(total > 0, picks, uniform)  # [L, R, trials]
-        candidates = sq_distances(picks.flatten(1, 2)).view(L, R, trials, m)  # a new tensor
+        candidates = sq_distances(picks.flatten(1, 2)).view(L, R, trials, m)
         after = torch.minimum(closest[:, :, None], candidates, out=candidates)
         best = after.sum(-1, dtype=torch.float64).argmin(-1, keepdim=True)  # [L, R, 1]
         rows[j] = picks.gather(2, best)[..., 0]
@@ -380,9 +423,12 @@ def _minibatch(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig,
 
 
 def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: int = 0,
-               device: torch.device | str | None = None) -> KMeansFit:
+               device: torch.device | str | None = None, compute_inertia: bool = True
+               ) -> KMeansFit:
     """Fit k-means to every layer of ``x`` ``[L, n, d]`` (or ``[n, d]``) with ``n_clusters``
-    clusters; ``device`` (default: x's) runs the torch backend there."""
+    clusters; ``device`` (default: x's) runs the torch backend there. ``compute_inertia``: the
+    inertia on all fitted rows (one more assignment pass after mini-batch steps, as
+    scikit-learn's ``compute_labels``; Lloyd has it anyway); else ``inertia`` is None."""
     config = config or KMeansConfig()
     t, _ = _as_layered(x, name="k-means features")
     L, n, _ = t.shape
@@ -391,11 +437,9 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     if n < n_clusters:
         raise ValueError(f"k-means with {n_clusters} clusters needs at least {n_clusters} rows, "
                          f"got {n}")
-    if not bool(torch.isfinite(t).all()):
-        bad = torch.nonzero(~torch.isfinite(t).flatten(1).all(1)).flatten().tolist()
-        raise ValueError(f"k-means features: non-finite values (NaN/inf) in layer(s) {bad}")
+    check_finite(t, name="k-means features", layered=True)
     if config.backend == "sklearn":
-        return _sklearn_fit(t, n_clusters, config, seed)
+        return _sklearn_fit(t, n_clusters, config, seed, compute_inertia)
     t = t.to(device) if device is not None else t
     b = min(config.batch_size, n)
     lloyd = config.batch_size == 0 or config.batch_size >= n  # one batch of all rows: Lloyd
@@ -432,6 +476,8 @@ def kmeans_fit(x, n_clusters: int, *, config: KMeansConfig | None = None, seed: 
     assert best is not None
     if not lloyd:
         best, best_steps = _minibatch(t, best, config, run)
+        if not compute_inertia:
+            return KMeansFit(centroids=best, inertia=None, n_steps=best_steps.tolist())
         best_inertia = assign_chunked(t, best, memory_mb=config.memory_mb)[1].double().sum(-1)
     return KMeansFit(centroids=best, inertia=best_inertia.tolist(), n_steps=best_steps.tolist())
 
@@ -441,11 +487,12 @@ def kmeans_predict(x, centroids: torch.Tensor, *, memory_mb: float = 256.0) -> t
     ``[L, n]`` (or ``[n]``) int64, in chunks within ``memory_mb``."""
     t, squeeze = _as_layered(x, name="k-means features")
     c = centroids[None] if centroids.ndim == 2 else centroids
-    ids = assign_chunked(t.to(c.device), c, memory_mb=memory_mb)[0]
+    ids = assign_chunked(t.to(c.device), c, memory_mb=memory_mb, distances=False)[0]
     return ids[0] if squeeze else ids
 
 
-def _sklearn_fit(x: torch.Tensor, k: int, config: KMeansConfig, seed: int) -> KMeansFit:
+def _sklearn_fit(x: torch.Tensor, k: int, config: KMeansConfig, seed: int,
+                 compute_inertia: bool) -> KMeansFit:
     from sklearn.cluster import MiniBatchKMeans
 
     centroids, inertia, steps = [], [], []
@@ -458,6 +505,9 @@ def _sklearn_fit(x: torch.Tensor, k: int, config: KMeansConfig, seed: int) -> KM
         km.fit(layer)
         centroids.append(torch.from_numpy(km.cluster_centers_).float())
         steps.append(int(km.n_steps_))
-        pred = km.predict(layer)
-        inertia.append(float(((layer - km.cluster_centers_[pred]) ** 2).sum(dtype=np.float64)))
-    return KMeansFit(centroids=torch.stack(centroids), inertia=inertia, n_steps=steps)
+        if compute_inertia:
+            pred = km.predict(layer)
+            inertia.append(float(((layer - km.cluster_centers_[pred]) ** 2)
+                                 .sum(dtype=np.float64)))
+    return KMeansFit(centroids=torch.stack(centroids), inertia=inertia if compute_inertia else None,
+                     n_steps=steps)

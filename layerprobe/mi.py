@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from layerprobe.kmeans import KMeansConfig, kmeans_fit, kmeans_predict
+from layerprobe.kmeans import KMeansConfig, assign_chunked, kmeans_fit
+from layerprobe.stats import check_finite
 
 __all__ = ["MIResult", "mi_score", "label_entropy", "mutual_information"]
 
@@ -93,10 +94,7 @@ def mi_score(features, labels, train_mask, *, n_clusters: int, kmeans: KMeansCon
         raise ValueError(f"mi_score: n_clusters and n_seeds must be >= 1, got {n_clusters}, "
                          f"{n_seeds}")
     x = x.float()
-    finite = torch.isfinite(x).flatten(1).all(1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"mi_score: non-finite values (NaN/inf) in layer(s) {bad}")
+    check_finite(x, name="mi_score", layered=True)
     k = min(n_clusters, n_train)
     notes = [] if k == n_clusters else [f"n_clusters clipped from {n_clusters} to {k} (the number "
                                         f"of train items)"]
@@ -110,13 +108,15 @@ def mi_score(features, labels, train_mask, *, n_clusters: int, kmeans: KMeansCon
     x_train, x_test = x[:, mask_t], x[:, ~mask_t]
     seed_scores, seed_mi, inertia, steps, clusters = [], [], [], [], []
     for i in range(n_seeds):
-        fit = kmeans_fit(x_train, k, config=kmeans, seed=seed + i)
-        pred = kmeans_predict(x_test, fit.centroids.to(target),
-                              memory_mb=kmeans.memory_mb).cpu().numpy()
+        # the train rows' inertia is not needed (one assignment pass less); the held-out rows'
+        # comes with their assignment
+        fit = kmeans_fit(x_train, k, config=kmeans, seed=seed + i, compute_inertia=False)
+        ids, dist = assign_chunked(x_test, fit.centroids.to(target), memory_mb=kmeans.memory_mb)
+        pred = ids.cpu().numpy()
         mis = [mutual_information(y_test, pred[layer]) for layer in range(L)]
         seed_mi.append(mis)
         seed_scores.append([mi / h for mi in mis])
-        inertia.append(fit.inertia)
+        inertia.append(dist.double().sum(-1).tolist())
         steps.append(fit.n_steps)
         clusters.append(pred)
     table = np.asarray(seed_scores)
@@ -124,7 +124,7 @@ def mi_score(features, labels, train_mask, *, n_clusters: int, kmeans: KMeansCon
     details = {"n_clusters": k, "n_clusters_requested": n_clusters, "kmeans": asdict(kmeans),
                "seed": seed, "n_seeds": n_seeds, "n_train": n_train, "n_test": n_test,
                "label_entropy": h, "mutual_info": np.mean(seed_mi, axis=0).tolist(),
-               "seed_scores": seed_scores, "train_inertia": inertia, "kmeans_steps": steps,
+               "seed_scores": seed_scores, "heldout_inertia": inertia, "kmeans_steps": steps,
                "notes": notes}
     if n_seeds > 1:
         details["spread"] = "k-means seeds"

@@ -32,9 +32,13 @@ def as_tensor(a, *, name: str, device=None) -> torch.Tensor:
     return t.to(device) if device is not None else t
 
 
-def _check_finite(t: torch.Tensor, *, name: str, layered: bool) -> None:
-    """Raise a ValueError naming the layers (or the argument) that hold NaN/inf."""
+def check_finite(t: torch.Tensor, *, name: str, layered: bool) -> None:
+    """Raise a ValueError naming the layers (or the argument) that hold NaN/inf. A sum per layer
+    first (one read: NaN/inf make it non-finite); only when one is not finite (or overflowed)
+    the elementwise test, which names the layers (it is 25x slower on [13, 20000, 768])."""
     if not t.is_floating_point():
+        return
+    if bool(torch.isfinite(t.flatten(1).sum(1) if layered and t.ndim > 1 else t.sum()).all()):
         return
     if layered:
         bad = (~torch.isfinite(t)).flatten(1).any(dim=1)
@@ -170,7 +174,7 @@ class Moments:
         if int(split_t.min()) < 0 or int(split_t.max()) >= self.n_splits:
             raise ValueError(f"Moments.update: split ids must lie in [0, {self.n_splits}), got "
                              f"[{int(split_t.min())}, {int(split_t.max())}]")
-        _check_finite(y, name="Moments.update: y", layered=False)
+        check_finite(y, name="Moments.update: y", layered=False)
         single = bool((split_t == split_t[0]).all())
         if block and not single:
             raise ValueError("Moments.update: block=True needs rows of a single split")
@@ -182,7 +186,7 @@ class Moments:
                 self._add_block(x, y, int(split_t[0]), check=True)
             return
         if x.is_floating_point() and not bool(torch.isfinite(x.sum(dim=1)).all()):
-            _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
+            check_finite(x, name="Moments.update: x", layered=True)  # names the layers
         buf_dtype = self.dtype if x.dtype in (torch.float64, self.dtype) else torch.float32
         if self._buf_x is not None and \
                 torch.promote_types(buf_dtype, self._buf_x.dtype) != self._buf_x.dtype:
@@ -247,7 +251,7 @@ class Moments:
         with _cpu_threads(self._threads):
             row_sums = xs.sum(dim=1)
             if check and not bool(torch.isfinite(row_sums).all()):
-                _check_finite(x, name="Moments.update: x", layered=True)  # names the layers
+                check_finite(x, name="Moments.update: x", layered=True)  # names the layers
             self.xx[s].baddbmm_(xs.mT, xs)
             self.xy[s].add_(torch.matmul(xs.mT, ys))
         self.yy[s].addmm_(ys.T, ys)

@@ -121,7 +121,8 @@ def fit_kmeans(features: torch.Tensor, n_clusters: int, config: KMeansConfig, se
     if features.shape[0] < n_clusters:
         raise ValueError(f"k-means with {n_clusters} clusters needs at least {n_clusters} frames, "
                          f"got {features.shape[0]}: raise kmeans_fraction or use fewer clusters")
-    fit = kmeans_fit(features.float(), n_clusters, config=config, seed=seed, device=device)
+    fit = kmeans_fit(features.float(), n_clusters, config=config, seed=seed, device=device,
+                     compute_inertia=False)  # as fairseq's compute_labels=False
     return fit.centroids[0].cpu()
 
 

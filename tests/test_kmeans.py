@@ -13,6 +13,7 @@ from layerprobe.kmeans import (
     _cluster_sums_onehot,
     _kmeans_pp,
     _minibatch,
+    _squared_distance_matrix,
     assign_chunked,
     kmeans_fit,
     kmeans_predict,
@@ -42,6 +43,10 @@ def test_recovers_well_separated_blobs(batch_size):
         # inertia is that of the returned centroids on the fitted rows
         d2 = torch.cdist(x[layer].double(), fit.centroids[layer].double()).pow(2).min(1).values
         assert fit.inertia[layer] == pytest.approx(float(d2.sum()), rel=1e-4)
+    lean = kmeans_fit(x, 5, config=KMeansConfig(batch_size=batch_size, n_init=3), seed=0,
+                      compute_inertia=False)  # the same fit without the last pass
+    assert torch.equal(lean.centroids, fit.centroids) and lean.n_steps == fit.n_steps
+    assert lean.inertia is None if batch_size else lean.inertia == fit.inertia  # Lloyd has it
 
 
 def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing():
@@ -57,6 +62,10 @@ def test_assignments_are_the_exact_nearest_centroid_and_chunking_changes_nothing
         assert bool(torch.isnan(buffer).any()) == (size == 10)
     exact = torch.cdist(x.double(), centroids.double()).argmin(-1)
     assert torch.equal(whole, exact)
+    ids_only, no_dist = assign_chunked(x, centroids, memory_mb=1e-3, distances=False)
+    assert torch.equal(ids_only, whole) and no_dist.numel() == 0
+    torch.testing.assert_close(dist, (x - centroids[torch.arange(3)[:, None], whole]).pow(2)
+                               .sum(-1), rtol=0, atol=0)  # ||x − c||², not the expanded form
     for batch_size in (0, 64):
         config = KMeansConfig(batch_size=batch_size, n_init=2)
         small = KMeansConfig(batch_size=batch_size, n_init=2, memory_mb=1e-3,
@@ -99,6 +108,20 @@ def test_seeding_from_the_distance_matrix_equals_distances_per_step():
     # every centroid is a row of its layer
     rows = (one_group[:, :, :, None, :] == x[None, :, None, :, :]).all(-1).any(-1)
     assert rows.all()
+
+
+def test_distance_matrix_from_its_upper_triangle_in_blocks():
+    """The seeding's [m, m] matrix, computed as the upper triangle in row blocks and mirrored:
+    the squared distances (symmetric, non-negative) whatever the block size."""
+    x, _ = _layers(n_layers=2, n=50)
+    whole = _squared_distance_matrix(x, block=64)  # one block
+    for block in (1, 7, 50):
+        blocks = _squared_distance_matrix(x, block=block)
+        torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(blocks, blocks.mT, rtol=1e-5, atol=1e-3)
+        assert bool((blocks >= 0).all())
+    exact = torch.cdist(x.double(), x.double()).pow(2).float()
+    torch.testing.assert_close(whole, exact, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("batch_size,reassignment_ratio", [(0, 0.0), (64, 0.0), (64, 0.3)])
@@ -153,6 +176,9 @@ def test_sklearn_backend_and_errors():
     x, labels = _blobs(n=300)
     fit = kmeans_fit(x, 5, config=KMeansConfig(backend="sklearn", n_init=2), seed=0)
     assert adjusted_rand_score(labels, kmeans_predict(x, fit.centroids[0])) > 0.99
+    lean = kmeans_fit(x, 5, config=KMeansConfig(backend="sklearn", n_init=2), seed=0,
+                      compute_inertia=False)
+    assert lean.inertia is None and torch.equal(lean.centroids, fit.centroids)
     with pytest.raises(ValueError, match="at least 400 rows"):
         kmeans_fit(x, 400)
     bad = torch.stack([x, x])

@@ -39,6 +39,16 @@ def test_scores_are_the_mi_of_the_returned_clusters(backend):
     np.testing.assert_allclose(res.scores, np.mean(per_seed, axis=0), rtol=1e-9)
     np.testing.assert_allclose(res.std, np.std(per_seed, axis=0, ddof=1), atol=1e-12)
     assert res.details["spread"] == "k-means seeds"
+    # held-out inertia: at least the clusters' own sum of squares about their means (the least
+    # any centroids can give), and near it on the separable layer
+    x_test = x[:, ~train].astype(np.float64)
+    for s in range(2):
+        for layer in range(2):
+            ids = res.clusters[s, layer]
+            least = sum(((x_test[layer, ids == c] - x_test[layer, ids == c].mean(0)) ** 2).sum()
+                        for c in np.unique(ids))
+            inertia = res.details["heldout_inertia"][s][layer]
+            assert least * (1 - 1e-6) <= inertia <= (1.5 * least if layer == 0 else np.inf)
     assert res.scores[0] > 0.95  # separable layer
     assert res.scores[1] < 0.1  # noise layer
     assert json.loads(json.dumps(res.to_dict()))["scores"] == res.scores

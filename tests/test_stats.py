@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerprobe.stats import Moments
+from layerprobe.stats import Moments, check_finite
 
 
 def _data(L=3, n=500, dx=6, dy=4, seed=0, S=5):
@@ -122,3 +122,19 @@ def test_update_errors_name_the_problem():
     with pytest.raises(ValueError, match="at least 2"):
         Moments.empty(1, 2, 2, 3).centred([0])
     assert m.counts == [0] * 5  # failed updates add nothing
+
+
+def test_check_finite_names_the_layers_and_lets_large_finite_values_pass():
+    """The fast path (a sum per layer) must neither miss NaN/inf nor reject finite values whose
+    float32 sum overflows."""
+    x = torch.zeros(4, 5, 3)
+    x[0] = 3e38  # finite; the layer's sum overflows to inf
+    check_finite(x, name="feats", layered=True)
+    check_finite(x[0], name="feats", layered=False)
+    x[1, 2, 0] = float("nan")
+    x[3, 0, 0], x[3, 1, 0] = float("inf"), -float("inf")  # their sum is NaN
+    with pytest.raises(ValueError, match=r"feats: non-finite values \(NaN/inf\) in layer\(s\) "
+                                         r"\[1, 3\]"):
+        check_finite(x, name="feats", layered=True)
+    with pytest.raises(ValueError, match="feats: non-finite"):
+        check_finite(x[3], name="feats", layered=False)
