@@ -153,7 +153,7 @@ def assign_chunked(x: torch.Tensor, centroids: torch.Tensor, *, memory_mb: float
         if exact:
             _exact_distances(xs, c, arg, out=dist[:, start:start + step])
         else:
-            norms = xs.pow(2).sum(-1) if x_sq is None else x_sq[:, start:start + step]
+            norms = _squared_norms(xs) if x_sq is None else x_sq[:, start:start + step]
             dist[:, start:start + step] = (best + norms).clamp_min_(0.0)
     return ids, dist
 
@@ -310,7 +310,7 @@ def _seed_layers(x: torch.Tensor, k: int, first: torch.Tensor, uniforms: torch.T
         assert x_sq is not None
         c = x[layer, rows]
         xc = torch.bmm(c, x.mT)
-        return (x_sq[:, None] - 2 * xc + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+        return (x_sq[:, None] - 2 * xc + _squared_norms(c)[..., None]).clamp_min_(0.0)
 
     rows = torch.empty(k, L, R, dtype=torch.int64, device=dev)  # the chosen rows
     rows[0] = first
