@@ -31,6 +31,7 @@ class AnalysisConfig:
     probe_config: ProbeConfig = field(default_factory=ProbeConfig)
     n_trials: int = 3
     n_seeds: int = 3  # spread: CCA re-deals items into splits, MI re-seeds k-means
+    exact_sums: bool = True  # compensated float64 moments: scores independent of the rank count
     phone_clusters: int = 0  # 0: chosen from the data (layerprobe.score.auto_clusters)
     word_clusters: int = 0
     mi_kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # [mi] k-means settings
@@ -118,7 +119,8 @@ class AnalysisConfig:
             kw["metrics"] = (cca.pop("metric"),)
         if "metrics" in cca:
             kw["metrics"] = tuple(cca.pop("metrics"))
-        _take(cca, kw, {"n_trials": "n_trials", "n_seeds": "n_seeds"}, "cca")
+        _take(cca, kw, {"n_trials": "n_trials", "n_seeds": "n_seeds", "exact_sums": "exact_sums"},
+              "cca")
         mi = dict(data.get("mi", {}))
         kmeans_fields = {f.name for f in dataclasses.fields(KMeansConfig)}
         kmeans = {k: mi.pop(k) for k in list(mi) if k in kmeans_fields}

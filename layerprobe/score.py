@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import layerprobe
-from layerprobe.cca import cca_score_metrics
+from layerprobe.cca import cca_score_metrics, start_warm_up
 from layerprobe.config import AnalysisConfig
 from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
 from layerprobe.distributed import Dist, init_distributed, resolve_device
@@ -37,6 +36,8 @@ MI_HELD_OUT_SPLITS = 2  # MI: k-means fit on all but the last two splits, scored
 MI_PUBLISHED_CLUSTERS = {"phone": 500, "word": 5000}  # Pasad et al. 2023
 MI_HELD_OUT_PER_CLUSTER = 10  # fewer held-out items per cluster: MI is biased toward 1
 AUDIO_CACHE_BYTES = 2 * 2**30  # several models: decoded audio kept for the next model (~9 h)
+SHARD_BLOCKS = 8  # utterances are dealt to ranks in at least this many blocks (8 ranks busy)
+MAX_BLOCK_UTTERANCES = 64  # ... of at most this many utterances (the forward pass's read-ahead)
 
 
 class ScoringWarning(UserWarning):
@@ -47,6 +48,21 @@ def n_moment_slots(config: AnalysisConfig) -> int:
     """Slots of every probe's :class:`Moments`: one per shard id an item can carry
     (``n_splits * shards_per_split``; split seeds re-deal whole shards)."""
     return config.probe_config.n_shards
+
+
+def utterance_blocks(n_utterances: int) -> list[range]:
+    """Consecutive blocks of utterance indices, the units dealt to ranks (block ``b`` to rank
+    ``b % W``): ``ceil(n / SHARD_BLOCKS)`` utterances each, at most ``MAX_BLOCK_UTTERANCES``.
+
+    They depend on the corpus alone, not on the number of ranks: each block is batched for the
+    forward pass and folded into the moments as one unit, so with compensated sums
+    (``[cca] exact_sums``) a block contributes the same float64 numbers whichever rank ran it and
+    the scores do not depend on the rank count."""
+    if n_utterances < 0:
+        raise ValueError(f"utterance_blocks: n_utterances must be >= 0, got {n_utterances}")
+    size = max(1, min(MAX_BLOCK_UTTERANCES, -(-n_utterances // SHARD_BLOCKS)))
+    return [range(start, min(start + size, n_utterances))
+            for start in range(0, n_utterances, size)]
 
 
 def mi_train_mask(shard_ids: np.ndarray, n_splits: int) -> np.ndarray:
@@ -152,10 +168,12 @@ def score_models(
     Under ``torchrun`` with ``W`` ranks the models are shared out whole first: model ``i`` of the
     first ``W * (n // W)`` runs on rank ``i % W`` exactly as in one process (no communication;
     every rank fits its own CCA and k-means). Each of the ``n % W`` models left over is scored by
-    all ranks, each taking the utterances ``index % W == rank``; the float64 moments are summed
-    slot by slot in rank order and the MI items gathered and put back in utterance order (MI is
-    then exactly the single-process value; CCA scores differ from it by the float64 summation
-    order, amplified by the conditioning of the fits). Rank 0 returns every result, in model
+    all ranks, each taking whole blocks of utterances (:func:`utterance_blocks`, block ``b`` on
+    rank ``b % W``); the moments are summed slot by slot in rank order and the MI items gathered
+    and put back in utterance order. MI is then exactly the single-process value, and so are the
+    CCA scores with ``[cca] exact_sums`` (the default: compensated float64 sums, in which the
+    order of the blocks does not show; without it they differ by the float64 summation order,
+    amplified by the conditioning of the fits). Rank 0 returns every result, in model
     order; the other ranks return ``[]``. ``dist_info`` (default: from ``torchrun``'s
     environment) says which ranks take part; ``Dist()`` scores in this process alone.
     """
@@ -250,17 +268,19 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     n_layers = model.n_layers + 1
     # created up front: a rank that sees no items still takes part in the reduction
     states = {name: _ProbeState(probe, Moments.empty(n_layers, model.dim, probe.dy,
-                                                      n_moment_slots(config), device=device))
+                                                      n_moment_slots(config), device=device,
+                                                      compensated=config.exact_sums))
               for name, probe in plan.probes.items()}
     timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "reduce": 0.0, "cca": 0.0,
                "mi": 0.0}
     too_short: list[str] = []
     audio_seconds = 0.0
-    mine = [i for i in range(len(corpus.utterances)) if i % dist_info.world_size == dist_info.rank]
+    blocks = [block for b, block in enumerate(utterance_blocks(len(corpus.utterances)))
+              if b % dist_info.world_size == dist_info.rank]
 
-    def waveforms() -> Iterator[tuple[_Extracted, torch.Tensor]]:
+    def waveforms(block: range) -> Iterator[tuple[_Extracted, torch.Tensor]]:
         nonlocal audio_seconds
-        for index in mine:
+        for index in block:
             tic = time.perf_counter()
             wave = _read(plan, index, config.strict, keep_audio)
             if wave is None:
@@ -281,19 +301,29 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
             audio_seconds += wave.shape[-1] / 16000
             yield _Extracted(index, targets), wave
 
-    stream = iter_hidden_states(model, waveforms(), batch_seconds=config.batch_seconds,
-                                max_chunk_seconds=config.max_chunk_seconds,
-                                dtype=torch.bfloat16 if config.bf16 else None)
-    bar = tqdm(stream, total=len(mine), desc=f"scoring {label}", unit="utt",
+    # CUDA: the fits' libraries start in the background while the forward pass runs
+    warm_up = start_warm_up(device) if cca_metrics and dist_info.main else None
+    bar = tqdm(total=sum(len(block) for block in blocks), desc=f"scoring {label}", unit="utt",
                disable=not progress)
     n_utterances = 0
     loop_start = time.perf_counter()
-    for item, hidden in bar:
-        n_utterances += 1
+    for block in blocks:  # each block batched and folded in alone: the same on any rank
+        stream = iter_hidden_states(model, waveforms(block), batch_seconds=config.batch_seconds,
+                                    max_chunk_seconds=config.max_chunk_seconds,
+                                    dtype=torch.bfloat16 if config.bf16 else None,
+                                    read_ahead=MAX_BLOCK_UTTERANCES)
+        for item, hidden in stream:
+            n_utterances += 1
+            bar.update(1)
+            tic = time.perf_counter()
+            for name, targets in item.targets.items():
+                _accumulate(states[name], hidden, targets, want_mi,
+                            index=item.index, utterance=corpus.utterances[item.index].id)
+            _synchronize(device)
+            timings["statistics"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        for name, targets in item.targets.items():
-            _accumulate(states[name], hidden, targets, want_mi,
-                        index=item.index, utterance=corpus.utterances[item.index].id)
+        for state in states.values():
+            state.moments.end_block()
         _synchronize(device)
         timings["statistics"] += time.perf_counter() - tic
     bar.close()
@@ -305,6 +335,10 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                      (n_utterances, audio_seconds, len(too_short), too_short[:1],
                       sorted(plan.unreadable.items())))
     timings["reduce"] = time.perf_counter() - tic
+    if warm_up is not None:
+        tic = time.perf_counter()
+        warm_up.join()
+        timings["cca"] += time.perf_counter() - tic  # what the warm-up did not hide
     if not dist_info.main:
         return []
     n_utterances, audio_seconds, n_short, short_examples, unreadable = counts
@@ -377,22 +411,12 @@ def _synchronize(device: torch.device) -> None:
 def _reduce(states: dict[str, _ProbeState], dist_info: Dist, want_mi: bool, counts: tuple
             ) -> tuple:
     """Combine the ranks' shares on rank 0, in rank order: moments summed field by field and
-    split slot by split slot (float64), MI items and counts gathered. Returns the combined
-    counts (on rank 0; this rank's on the others)."""
+    split slot by split slot (float64, compensated ones with their ``lo`` terms), MI items and
+    counts gathered. Returns the combined counts (on rank 0; this rank's on the others)."""
     if not dist_info.enabled:
         return counts
     for state in states.values():
-        state.moments.flush()
-        for name in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
-            tensor = getattr(state.moments, name)
-            for slot in range(tensor.shape[0]):
-                parts = [torch.empty_like(tensor[slot]) for _ in range(dist_info.world_size)]
-                dist.all_gather(parts, tensor[slot].contiguous())
-                total = parts[0].clone()
-                for part in parts[1:]:
-                    total += part
-                tensor[slot].copy_(total)
-        state.moments._total = None
+        state.moments.all_reduce_()
         gathered = dist_info.gather_object(
             (state.n_items, state.mi_items if want_mi else {}))
         if dist_info.main:

@@ -9,6 +9,14 @@ depend on the number of items. Accumulators over disjoint data add up (:meth:`Mo
 Memory: ``n_splits * n_layers * (dx^2 + dx*dy) * 8`` bytes in float64, e.g. 10 splits x 13 layers
 x 768-d vs 80-d = 0.68 GB, plus a buffer of ``buffer_rows`` items (float32 unless float64 is
 given; 4096 x 13 x 768 x 4 bytes = 0.16 GB) and its sorted copy while flushing.
+
+``compensated=True`` keeps every float64 sum as an unevaluated pair ``hi + lo`` (Neumaier's
+compensated summation: each flush's Gram is added with an exact TwoSum, the rounding error going
+to ``lo``), which doubles the memory. The sums are then exact to ~1e-32 relative, so the order in
+which flushes (or processes, :meth:`Moments.merge`) are added no longer shows in the rounded
+statistics: the same flushes added in any order give the same float64 bits (unless an entry lies
+within ~1e-16 of its own rounding boundary). This is what makes scores of utterances shared out
+over any number of ranks equal those of one process (:mod:`layerprobe.score`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,35 @@ import torch
 
 __all__ = ["CentredStats", "Moments", "as_tensor"]
 
-_STATE_FORMAT = "layerprobe-moments-v1"
+_STATE_FORMAT = "layerprobe-moments-v2"  # v2: compensation terms (v1 read as plain sums)
+_SUM_FIELDS = ("sum_x", "sum_y", "xx", "xy", "yy")
+_CHUNK = 1 << 16  # elements per step of the CPU's compensated additions (stays in cache)
+
+
+def _two_sum_add_(hi: torch.Tensor, lo: torch.Tensor, b: torch.Tensor) -> None:
+    """``hi + lo += b`` in place without rounding error: ``hi`` becomes ``fl(hi + b)`` and the
+    exact rounding error of that sum (Knuth's TwoSum, 6 flops) is added to ``lo``. On the CPU in
+    chunks that stay in cache (whole-array passes over 60 MB slots are 10x slower here)."""
+    if hi.shape != b.shape or lo.shape != hi.shape:
+        raise ValueError(f"_two_sum_add_: shapes {tuple(hi.shape)}, {tuple(lo.shape)}, "
+                         f"{tuple(b.shape)} differ")
+    h, low, add = hi.view(-1), lo.view(-1), b.reshape(-1)
+    step = h.numel() if hi.device.type != "cpu" else _CHUNK
+    total = torch.empty(min(step, h.numel()), dtype=hi.dtype, device=hi.device)
+    part = torch.empty_like(total)
+    err = torch.empty_like(total)
+    for start in range(0, h.numel(), step):
+        a, c = h[start:start + step], add[start:start + step]
+        m = a.numel()
+        s, bv, e = total[:m], part[:m], err[:m]
+        torch.add(a, c, out=s)  # s = fl(a + c)
+        torch.sub(s, a, out=bv)  # the part of s that came from c
+        torch.sub(c, bv, out=e)  # c's lost bits ...
+        torch.sub(s, bv, out=bv)
+        a.sub_(bv)  # ... and a's lost bits (a is overwritten by s below)
+        e.add_(a)
+        low[start:start + m].add_(e)
+        a.copy_(s)
 
 
 def as_tensor(a, *, name: str, device=None) -> torch.Tensor:
@@ -107,11 +143,14 @@ class Moments:
 
     Rows passed to :meth:`update` are buffered (``buffer_rows`` items, float32 unless given in
     float64) and folded in, sorted by split, with one batched float64 matmul over layers per split
-    when the buffer is full; every reader flushes the buffer first.
+    when the buffer is full; every reader flushes the buffer first. ``compensated``: the sums are
+    kept as ``hi + lo`` pairs (module docstring): twice the memory, and the result does not depend
+    on the order in which flushes or merged accumulators are added.
     """
 
     def __init__(self, n_layers: int, dx: int, dy: int, n_splits: int, *,
-                 dtype: torch.dtype = torch.float64, device=None, buffer_rows: int = 4096):
+                 dtype: torch.dtype = torch.float64, device=None, buffer_rows: int = 4096,
+                 compensated: bool = False):
         for name, v in (("n_layers", n_layers), ("dx", dx), ("dy", dy), ("n_splits", n_splits),
                         ("buffer_rows", buffer_rows)):
             if int(v) < 1:
@@ -131,6 +170,12 @@ class Moments:
         self.xx = torch.zeros(S, L, dx, dx, **kw)
         self.xy = torch.zeros(S, L, dx, dy, **kw)
         self.yy = torch.zeros(S, dy, dy, **kw)
+        self.compensated = bool(compensated)
+        # compensation terms: the exact value of a sum is hi + lo (zero-size when not compensated)
+        self._lo = {k: torch.zeros_like(getattr(self, k)) if self.compensated else None
+                    for k in _SUM_FIELDS}
+        self._gram: torch.Tensor | None = None  # [L, dx, dx] scratch of a flush's Gram
+        self._settled = True  # hi == fl(hi + lo) for every compensated sum
         self._buf_x: torch.Tensor | None = None  # [S, L, buffer_rows, dx], allocated lazily
         self._buf_y: torch.Tensor | None = None
         self._buf_s: torch.Tensor | None = None
@@ -141,10 +186,10 @@ class Moments:
     @classmethod
     def empty(cls, n_layers: int, dx: int, dy: int, n_splits: int, *,
               dtype: torch.dtype = torch.float64, device=None,
-              buffer_rows: int = 4096) -> Moments:
+              buffer_rows: int = 4096, compensated: bool = False) -> Moments:
         """A zero accumulator."""
         return cls(n_layers, dx, dy, n_splits, dtype=dtype, device=device,
-                   buffer_rows=buffer_rows)
+                   buffer_rows=buffer_rows, compensated=compensated)
 
     # ------------------------------------------------------------------ accumulation
     def update(self, x, y, split, *, block: bool = False) -> None:
@@ -181,7 +226,7 @@ class Moments:
         if (block or n >= self.buffer_rows) and single:
             # a block of one split: fold it in directly (no buffer copy, one big Gram); its row
             # sums, computed there first, serve as the finiteness check
-            self.flush()
+            self.end_block()
             with _cpu_threads(1 if self.device.type == "cpu" else None):
                 self._add_block(x, y, int(split_t[0]), check=True)
             return
@@ -190,7 +235,7 @@ class Moments:
         buf_dtype = self.dtype if x.dtype in (torch.float64, self.dtype) else torch.float32
         if self._buf_x is not None and \
                 torch.promote_types(buf_dtype, self._buf_x.dtype) != self._buf_x.dtype:
-            self.flush()  # float64 rows after float32 ones: widen the buffer
+            self.end_block()  # float64 rows after float32 ones: widen the buffer
             self._buf_x = None
         if self._buf_x is None:
             R = self.buffer_rows
@@ -216,9 +261,25 @@ class Moments:
 
     def flush(self) -> None:
         """Fold the buffered rows into the statistics: rows are sorted by split, then one batched
-        float64 matmul over layers per split present."""
+        float64 matmul over layers per split present (compensated: then every sum rounded to its
+        nearest float64, the remainder kept in its ``lo`` term)."""
         with _cpu_threads(1 if self.device.type == "cpu" else None):
             self._flush()
+            self._settle()
+
+    def _settle(self) -> None:
+        """Compensated sums: ``hi, lo = fl(hi + lo), (hi + lo) - fl(hi + lo)`` (exact), so that
+        readers see the correctly rounded sums in the plain fields."""
+        if self._settled or not self.compensated:
+            return
+        for name in _SUM_FIELDS:
+            hi, lo = getattr(self, name), self._lo[name]
+            for s in range(hi.shape[0]):
+                rest = lo[s].clone()
+                lo[s].zero_()
+                _two_sum_add_(hi[s], lo[s], rest)
+        self._settled = True
+        self._total = None
 
     def _flush(self) -> None:
         """Gathers and sums run on one CPU thread (small ops: MKL/OpenMP's pool makes them very
@@ -252,15 +313,70 @@ class Moments:
             row_sums = xs.sum(dim=1)
             if check and not bool(torch.isfinite(row_sums).all()):
                 check_finite(x, name="Moments.update: x", layered=True)  # names the layers
-            self.xx[s].baddbmm_(xs.mT, xs)
-            self.xy[s].add_(torch.matmul(xs.mT, ys))
-        self.yy[s].addmm_(ys.T, ys)
-        self.sum_x[s].add_(row_sums)
-        self.sum_y[s].add_(ys.sum(dim=0))
+            if not self.compensated:
+                self.xx[s].baddbmm_(xs.mT, xs)
+                self.xy[s].add_(torch.matmul(xs.mT, ys))
+            else:
+                if self._gram is None:
+                    self._gram = torch.empty_like(self.xx[0])
+                torch.bmm(xs.mT, xs, out=self._gram)
+                cross = torch.matmul(xs.mT, ys)
         self.count[s] += xs.shape[1]
         self._total = None
+        if not self.compensated:
+            self.yy[s].addmm_(ys.T, ys)
+            self.sum_x[s].add_(row_sums)
+            self.sum_y[s].add_(ys.sum(dim=0))
+            return
+        self._settled = False
+        for name, part in (("xx", self._gram), ("xy", cross), ("yy", ys.T @ ys),
+                           ("sum_x", row_sums), ("sum_y", ys.sum(dim=0))):
+            _two_sum_add_(getattr(self, name)[s], self._lo[name][s], part)
+
+    def end_block(self) -> None:
+        """Fold the buffered rows in now: a boundary that does not depend on what comes next
+        (with compensated sums, blocks folded in whole give the same bits in any order, on any
+        process)."""
+        with _cpu_threads(1 if self.device.type == "cpu" else None):
+            self._flush()
 
     # ------------------------------------------------------------------ combination
+    def all_reduce_(self) -> None:
+        """Sum this accumulator over the ranks of the default ``torch.distributed`` process
+        group, in place on every rank: each field gathered slot by slot (bounded memory) and added
+        in rank order (compensated: with an exact TwoSum, the ``lo`` terms added too), so every
+        rank, and every rank count for compensated sums, gets the same bits."""
+        import torch.distributed as dist
+
+        self.flush()
+        world = dist.get_world_size()
+
+        def gathered(t: torch.Tensor) -> list[torch.Tensor]:
+            parts = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(parts, t.contiguous())
+            return parts
+
+        for slot in range(self.n_splits):
+            parts = gathered(self.count[slot:slot + 1])
+            self.count[slot] = sum(int(p) for p in parts)
+            for name in _SUM_FIELDS:
+                hi = getattr(self, name)[slot]
+                his = gathered(hi)
+                hi.copy_(his[0])
+                if not self.compensated:
+                    for part in his[1:]:
+                        hi += part
+                    continue
+                lo = self._lo[name][slot]
+                los = gathered(lo)
+                lo.copy_(los[0])
+                for part_hi, part_lo in zip(his[1:], los[1:], strict=True):
+                    _two_sum_add_(hi, lo, part_hi)
+                    lo.add_(part_lo)
+        self._settled = not self.compensated
+        self._total = None
+        self.flush()
+
     def _check_compatible(self, other: Moments) -> None:
         mine = (self.n_layers, self.dx, self.dy, self.n_splits)
         theirs = (other.n_layers, other.dx, other.dy, other.n_splits)
@@ -276,10 +392,22 @@ class Moments:
         self.flush()
         other.flush()
         out = Moments.empty(self.n_layers, self.dx, self.dy, self.n_splits, dtype=self.dtype,
-                            device=self.device, buffer_rows=self.buffer_rows)
-        for name in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
-            a, b = getattr(self, name), getattr(other, name)
-            getattr(out, name).copy_(a + b.to(device=a.device, dtype=a.dtype))
+                            device=self.device, buffer_rows=self.buffer_rows,
+                            compensated=self.compensated)
+        out.count.copy_(self.count + other.count.to(self.device))
+        for name in _SUM_FIELDS:
+            a, b = getattr(self, name), getattr(other, name).to(device=self.device,
+                                                                 dtype=self.dtype)
+            if not self.compensated:
+                getattr(out, name).copy_(a + b)
+                continue
+            getattr(out, name).copy_(a)
+            out._lo[name].copy_(self._lo[name])
+            _two_sum_add_(getattr(out, name), out._lo[name], b)
+            if other.compensated:
+                out._lo[name].add_(other._lo[name].to(device=self.device, dtype=self.dtype))
+        out._settled = not self.compensated
+        out.flush()
         return out
 
     __add__ = merge
@@ -337,27 +465,36 @@ class Moments:
     def state_dict(self) -> dict:
         """Plain dict of CPU tensors and ints (``torch.save``-able)."""
         self.flush()
+        lo = {f"{k}_lo": v.detach().cpu().clone() for k, v in self._lo.items() if v is not None}
         return {"format": _STATE_FORMAT, "n_layers": self.n_layers, "dx": self.dx,
                 "dy": self.dy, "n_splits": self.n_splits, "buffer_rows": self.buffer_rows,
+                "compensated": self.compensated,
                 **{k: getattr(self, k).detach().cpu().clone()
-                   for k in ("count", "sum_x", "sum_y", "xx", "xy", "yy")}}
+                   for k in ("count", *_SUM_FIELDS)}, **lo}
 
     @classmethod
     def from_state_dict(cls, d: dict, *, device=None) -> Moments:
         """Inverse of :meth:`state_dict`."""
-        if d.get("format") != _STATE_FORMAT:
+        if d.get("format") not in (_STATE_FORMAT, "layerprobe-moments-v1"):
             raise ValueError(f"Moments.from_state_dict: format {d.get('format')!r} is not "
                              f"{_STATE_FORMAT!r}")
         out = cls.empty(d["n_layers"], d["dx"], d["dy"], d["n_splits"], dtype=d["xx"].dtype,
-                        device=device, buffer_rows=d.get("buffer_rows", 4096))
-        for k in ("count", "sum_x", "sum_y", "xx", "xy", "yy"):
-            if tuple(d[k].shape) != tuple(getattr(out, k).shape):
+                        device=device, buffer_rows=d.get("buffer_rows", 4096),
+                        compensated=bool(d.get("compensated", False)))
+        wanted = [("count", out.count), *((k, getattr(out, k)) for k in _SUM_FIELDS)]
+        if out.compensated:
+            wanted += [(f"{k}_lo", out._lo[k]) for k in _SUM_FIELDS]
+        for k, target in wanted:
+            if k not in d:
+                raise ValueError(f"Moments.from_state_dict: {k} is missing")
+            if tuple(d[k].shape) != tuple(target.shape):
                 raise ValueError(f"Moments.from_state_dict: {k} has shape {tuple(d[k].shape)}, "
-                                 f"expected {tuple(getattr(out, k).shape)}")
-            getattr(out, k).copy_(d[k])
+                                 f"expected {tuple(target.shape)}")
+            target.copy_(d[k])
         out._total = None
         return out
 
     def __repr__(self) -> str:
         return (f"Moments(n_layers={self.n_layers}, dx={self.dx}, dy={self.dy}, "
-                f"n_splits={self.n_splits}, counts={self.counts}, device={self.device})")
+                f"n_splits={self.n_splits}, counts={self.counts}, device={self.device}, "
+                f"compensated={self.compensated})")

@@ -30,7 +30,7 @@ def test_toml_sections(tmp_path):
     path.write_text(
         '[corpus]\npath = "corpus"\nmax_utterances = 7\n'
         '[probes]\nnames = ["word"]\nword_cap = 3\nseed = 11\n'
-        '[cca]\nmetrics = ["pwcca", "cka"]\nn_trials = 2\n'
+        '[cca]\nmetrics = ["pwcca", "cka"]\nn_trials = 2\nexact_sums = false\n'
         '[mi]\nword_clusters = 20\n'
         '[model]\nbatch_seconds = 5.0\ndevice = "cpu"\n'
     )
@@ -39,6 +39,7 @@ def test_toml_sections(tmp_path):
     assert config.probes == ("word",) and config.probe_config.word_cap == 3
     assert config.seed == 11 and config.metrics == ("pwcca", "cka") and config.n_trials == 2
     assert config.word_clusters == 20 and config.batch_seconds == 5.0 and config.device == "cpu"
+    assert not config.exact_sums and AnalysisConfig().exact_sums
 
 
 def test_replace_reaches_probe_fields():
@@ -56,6 +57,7 @@ def test_replace_reaches_probe_fields():
         ('[model]\nbf16 = "yes"\n', "bf16 = 'yes' must be true or false"),
         ('[mi]\nbatch_size = "big"\n', r"\[mi\]: batch_size = 'big' must be an integer"),
         ("[cca]\nn_seeds = true\n", "n_seeds = True must be an integer"),
+        ("[cca]\nexact_sums = 1\n", "exact_sums = 1 must be true or false"),
     ],
 )
 def test_bad_config_names_file_and_problem(tmp_path, text, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,93 @@ def test_check_finite_names_the_layers_and_lets_large_finite_values_pass():
         check_finite(x, name="feats", layered=True)
     with pytest.raises(ValueError, match="feats: non-finite"):
         check_finite(x[3], name="feats", layered=False)
+
+
+def _blocks(n_blocks=12, L=2, dx=5, dy=3, S=4, seed=3):
+    """Blocks of rows with very different scales (so float64 sums round differently by order)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_blocks):
+        n = int(rng.integers(5, 40))
+        scale = 10.0 ** rng.integers(-3, 6)
+        x = (rng.standard_normal((L, n, dx)) * scale + 1).astype(np.float32).astype(np.float64)
+        y = rng.standard_normal((n, dy)) * scale
+        out.append((x, y, rng.integers(0, S, n)))
+    return out
+
+
+def _feed(blocks, order, compensated, device="cpu", **kw) -> Moments:
+    m = Moments.empty(2, 5, 3, 4, compensated=compensated, device=device, **kw)
+    for b in order:
+        m.update(*blocks[b])
+        m.flush()  # a block boundary: the same flushes whatever the order
+    return m
+
+
+@pytest.mark.parametrize("order_kind", ["reversed", "shuffled"])
+def test_compensated_sums_do_not_depend_on_the_order_of_flushes_or_merges(order_kind):
+    """The same flushes added in another order, or split over two accumulators merged (two
+    ranks), give the same float64 bits when compensated; plain float64 sums do not (the check
+    that the data can tell them apart), and both agree with the exact sum to rounding."""
+    blocks = _blocks()
+    forward = list(range(len(blocks)))
+    other = forward[::-1] if order_kind == "reversed" else \
+        list(np.random.default_rng(1).permutation(len(blocks)))
+    fields = ("sum_x", "sum_y", "xx", "xy", "yy")
+    a = _feed(blocks, forward, True)
+    b = _feed(blocks, other, True)
+    halves = _feed(blocks, forward[1::2], True).merge(_feed(blocks, forward[::2], True))
+    for k in fields:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+        assert torch.equal(getattr(a, k), getattr(halves, k)), k
+    assert a.counts == halves.counts
+    plain_a, plain_b = _feed(blocks, forward, False), _feed(blocks, other, False)
+    assert any(not torch.equal(getattr(plain_a, k), getattr(plain_b, k)) for k in fields)
+    _assert_equal_moments(a, plain_a)
+    # exact reference: the same per-flush Grams summed with Python's correctly rounded fsum
+
+    exact = np.zeros((4, 2, 5, 5))
+    parts: dict = {}
+    for x, _y, split in blocks:
+        for s in range(4):
+            sel = split == s
+            if sel.any():
+                parts.setdefault(s, []).append(np.einsum("lni,lnj->lij", x[:, sel], x[:, sel]))
+    for s, grams in parts.items():
+        stack = np.stack(grams)
+        for idx in np.ndindex(stack.shape[1:]):
+            exact[(s, *idx)] = math.fsum(stack[(slice(None), *idx)].tolist())
+    np.testing.assert_allclose(a.xx.numpy(), exact, rtol=1e-15, atol=0)
+
+
+def test_compensated_state_round_trip_and_merge_with_plain():
+    blocks = _blocks(n_blocks=4)
+    m = _feed(blocks, range(4), True, buffer_rows=9)
+    back = Moments.from_state_dict(m.state_dict())
+    assert back.compensated
+    for k in ("xx", "xy", "sum_x"):
+        assert torch.equal(getattr(back, k), getattr(m, k))
+        assert torch.equal(back._lo[k], m._lo[k])
+    state = m.state_dict()
+    del state["xx_lo"]
+    with pytest.raises(ValueError, match="xx_lo is missing"):
+        Moments.from_state_dict(state)
+    plain = _feed(blocks, range(4), False)
+    _assert_equal_moments(m.merge(plain), plain.merge(plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compensated_sums_on_cuda_do_not_depend_on_the_order():
+    """The whole-array TwoSum of CUDA: the same bits in any order and after a merge, equal to the
+    CPU's chunked one to rounding."""
+    blocks = _blocks()
+    a = _feed(blocks, range(len(blocks)), True, device="cuda")
+    b = _feed(blocks, reversed(range(len(blocks))), True, device="cuda")
+    halves = _feed(blocks, range(0, 12, 2), True, device="cuda").merge(
+        _feed(blocks, range(1, 12, 2), True, device="cuda"))
+    cpu = _feed(blocks, range(len(blocks)), True)
+    for k in ("sum_x", "sum_y", "xx", "xy", "yy"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+        assert torch.equal(getattr(a, k), getattr(halves, k)), k
+        np.testing.assert_allclose(getattr(a, k).cpu().numpy(), getattr(cpu, k).numpy(),
+                                   rtol=1e-14, atol=0)
