@@ -34,6 +34,7 @@ import torchaudio
 
 from layerprobe.cca import assign_splits
 from layerprobe.corpus import Corpus, Segment
+from layerprobe.extract import full_precision
 from layerprobe.phones import ARPABET39
 from layerprobe.registry import OPTIONAL_PROBES, PROBES  # the names live in the registry
 
@@ -172,7 +173,12 @@ def clip_spans(spans: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.
 
 
 def pool_spans(hidden: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden[:, start:end]`` for each span: ``[L, T, D]`` → ``[L, n_items, D]``."""
+    """Mean of ``hidden[:, start:end]`` for each span: ``[L, T, D]`` → ``[L, n_items, D]``.
+
+    On the CPU the frames are summed by ``index_add_`` (in frame order); on other devices by one
+    matmul with the ``[n_items, T]`` span-membership matrix (TF32 off), because CUDA's
+    ``index_add_`` adds with atomics in a varying order, which made pooled features, and the phone
+    and word scores, differ between two runs of the same command (4e-4 on an H100)."""
     if hidden.dim() != 3:
         raise ValueError(f"pool_spans: hidden must be [L, T, D], got {tuple(hidden.shape)}")
     if spans.dim() != 2 or spans.shape[1] != 2:
@@ -188,12 +194,24 @@ def pool_spans(hidden: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
         return hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
     if bool((lengths == 1).all()):
         return hidden[:, start]
+    if hidden.device.type != "cpu":
+        return _pool_by_matmul(hidden, start, end)
     item = torch.repeat_interleave(torch.arange(spans.shape[0], device=hidden.device), lengths)
     first = torch.repeat_interleave(start - torch.cumsum(lengths, 0) + lengths, lengths)
     frame = first + torch.arange(item.shape[0], device=hidden.device)
     sums = hidden.new_zeros(hidden.shape[0], spans.shape[0], hidden.shape[2])
     sums.index_add_(1, item, hidden[:, frame])
     return sums / lengths.to(hidden.dtype)[None, :, None]
+
+
+def _pool_by_matmul(hidden: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+                    ) -> torch.Tensor:
+    """:func:`pool_spans` as one matmul with the span-membership matrix (no atomics)."""
+    frames = torch.arange(hidden.shape[1], device=hidden.device)
+    member = ((frames >= start[:, None]) & (frames < end[:, None])).to(hidden.dtype)
+    with full_precision(hidden.device):
+        sums = torch.matmul(member, hidden)
+    return sums / (end - start).to(hidden.dtype)[None, :, None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import librosa
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from layerprobe.corpus import Corpus, Segment, Utterance, load_audio, load_corpu
 from layerprobe.phones import ARPABET39
 from layerprobe.probes import (
     ProbeConfig,
+    _pool_by_matmul,
     build_probes,
     fbank_frame_indices,
     log_mel_fbank,
@@ -26,7 +26,8 @@ from layerprobe.probes import (
 
 
 def librosa_fbank(wave: np.ndarray) -> np.ndarray:
-    """The reference recipe, with librosa (method.md)."""
+    """The reference recipe, with librosa (method.md; imported here: the GPU machine lacks it)."""
+    librosa = pytest.importorskip("librosa")
     y = wave.astype(np.float64)
     y = y / np.abs(y).max() * 0.999
     y = librosa.effects.preemphasis(y, coef=0.97)
@@ -93,6 +94,22 @@ def test_pool_spans_matches_loop() -> None:
     for bad in ([[3, 3]], [[-1, 2]], [[30, 41]]):
         with pytest.raises(ValueError, match="spans"):
             pool_spans(hidden, torch.tensor(bad))
+    # the matmul path of other devices (no atomics), here on the CPU: the same means
+    torch.testing.assert_close(_pool_by_matmul(hidden, spans[:, 0], spans[:, 1]), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pool_spans_on_cuda_gives_the_same_bits_every_call() -> None:
+    """CUDA's index_add_ adds in a varying order; the matmul path does not (many overlapping
+    spans of one long utterance, as the phone and word probes pool them)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 1500, 768, generator=g)
+    start = torch.randint(0, 1400, (400,), generator=g)
+    spans = torch.stack([start, start + torch.randint(1, 100, (400,), generator=g)], 1)
+    first = pool_spans(hidden.cuda(), spans)
+    for _ in range(5):
+        assert torch.equal(pool_spans(hidden.cuda(), spans), first)
+    torch.testing.assert_close(first.cpu(), pool_spans(hidden, spans), rtol=1e-5, atol=1e-6)
 
 
 def test_fbank_probe_every_second_frame_truncated() -> None:

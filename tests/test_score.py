@@ -354,3 +354,15 @@ def test_cli_mi_backend_sklearn(model_specs, tmp_path):
                  "--out", str(out), "--no-progress"]) == 0
     (result,) = load_results(out)
     assert result.details["kmeans"]["backend"] == "sklearn"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scoring_twice_on_cuda_gives_the_same_scores(model_specs, corpus):
+    """A seed gives the same scores every run on CUDA too: pooling without atomics, k-means
+    cluster sums by one-hot matmuls, compensated moments."""
+    config = CONFIG.replace(device="cuda")
+    first, second = (score_model(model_specs["native"], corpus, config, progress=False)
+                     for _ in range(2))
+    assert [(r.probe, r.metric) for r in first] == [(r.probe, r.metric) for r in second]
+    for a, b in zip(first, second, strict=True):
+        assert a.scores == b.scores and a.std == b.std, (a.probe, a.metric)
