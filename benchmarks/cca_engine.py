@@ -24,7 +24,14 @@ import time
 import numpy as np
 import torch
 
-from layerprobe.cca import EPS_GRID, assign_splits, cca_score, cca_score_metrics, cca_score_moments
+from layerprobe.cca import (
+    EPS_GRID,
+    assign_splits,
+    cca_score,
+    cca_score_metrics,
+    cca_score_moments,
+    start_warm_up,
+)
 from layerprobe.registry import FIT_SHARING_METRICS
 from layerprobe.stats import Moments
 
@@ -125,6 +132,9 @@ def main() -> None:
     ap.add_argument("--dy", type=int, default=80)
     ap.add_argument("--ref-layers", type=int, default=1, help="layers timed on the per-layer path")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warm-up", action="store_true",
+                    help="CUDA: start the fits' libraries in a background thread during the "
+                         "accumulation, as scoring does (layerprobe.cca.start_warm_up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--array", action="store_true",
                     help="also time the array entry point cca_score on a float64 [L, n, dx] array")
@@ -166,6 +176,7 @@ def main() -> None:
     split_t = torch.from_numpy(split)
     rss0 = peak_rss_gb()
     t0 = time.perf_counter()
+    warm_up = start_warm_up(a.device) if a.warm_up else None
     mom = Moments.empty(L, dx, dy, 10, device=a.device)
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         mom.update(x[:, s:e], y[s:e], split_t[s:e])
@@ -173,6 +184,10 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t1 = time.perf_counter()
+    if warm_up is not None:
+        warm_up.join()
+        print(f"waited {time.perf_counter() - t1:.2f} s for the warm-up after the accumulation "
+              "(counted in the fits below)")
     res = cca_score_moments(mom, metric="pwcca", device=a.device)
     t2 = time.perf_counter()
     engine = t2 - t0
