@@ -4,9 +4,9 @@
 # Run from the repository root; wheels of packages that machine lacks go in .whl/ (see README).
 # Each part has its own time limit, so one slow part cannot take the others' time; the whole
 # log goes to $OUT/gpu_check.log (default OUT: gpu_logs/), the end of each part to stdout.
-# Still open for issue 10 (about 4 minutes): mi_kmeans_cpu (torch vs scikit-learn k-means on
-# the host's many CPU cores), then cuda_tests device_agreement cca_engine score_61min (the
-# k-means changes after run 6).
+# Issue 10, run 8 (about 4 minutes): cuda_tests cca_engine cca_engine_warm score_61min sums_61min
+# (compensated moments and the fits' warm-up on CUDA); run 9 (about 2 minutes): cuda_tests
+# sums_10min (a seed's scores the same on every run: pooling without atomics).
 set -u
 OUT="${OUT:-gpu_logs}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -75,6 +75,14 @@ run_part() {
     mi_kmeans_cpu) part "$1" 150 8 $PY benchmarks/score_end_to_end.py --kmeans --device cpu \
         --layers 3 --items 20000 --clusters 500 ;;
     cca_engine) part "$1" 60 12 $PY benchmarks/cca_engine.py --device cuda --metrics ;;
+    # 10: the same with the fits' libraries started in a background thread (as scoring does)
+    cca_engine_warm) part "$1" 60 8 $PY benchmarks/cca_engine.py --device cuda --warm-up \
+        --ref-layers 0 ;;
+    # 10: compensated (exact_sums) vs plain float64 moments on an hour of audio
+    sums_61min) part "$1" 200 14 $PY benchmarks/score_end_to_end.py --compare-sums \
+        --minutes 61 --device cuda ;;
+    sums_10min) part "$1" 120 12 $PY benchmarks/score_end_to_end.py --compare-sums \
+        --minutes 10 --device cuda ;;
     # the fits with the host's LAPACK on one thread (the split of the host SVD off), same card
     cca_engine_1t) part "$1" 60 5 $PY benchmarks/cca_engine.py --device cuda --threads 1 \
         --ref-layers 0 ;;
@@ -85,6 +93,7 @@ run_part() {
     device_agreement) part "$1" 240 8 $PY benchmarks/device_agreement.py --preset base ;;
     cuda_tests) part "$1" 90 4 $PY -m pytest -q -p no:cacheprovider tests/test_extract.py \
         tests/test_precision.py tests/test_models.py tests/test_kmeans.py \
+        tests/test_stats.py tests/test_cca.py tests/test_probes.py tests/test_score.py \
         -k "cuda or device or precision" ;;
     *) echo "unknown part $1" ;;
     esac

@@ -14,6 +14,13 @@ run (torch before and after scikit-learn), and prints the ratios.
     python benchmarks/score_end_to_end.py [--minutes 5] [--metrics pwcca,mi] [--device cpu]
     python benchmarks/score_end_to_end.py --kmeans [--layers 13 --items 20000 --clusters 500]
 
+``--compare-sums`` scores ``--minutes`` of audio twice instead, in fresh processes, with the
+compensated float64 moments of ``[cca] exact_sums = true`` (the default) and with plain float64
+sums, and prints what the compensation costs (statistics seconds, peak memory) and how far the
+scores move.
+
+    python benchmarks/score_end_to_end.py --compare-sums [--minutes 5] [--device cpu]
+
 ``--agreement`` scores MI of the random HuBERT-Base on the bundled corpus with both backends over
 ``--seeds`` k-means seeds and prints, per layer, each backend's mean and spread (std over seeds)
 and how many scikit-learn spreads apart the two means are.
@@ -69,13 +76,13 @@ def write_manifest(path: Path, minutes: float, copies: int) -> float:
     return total * copies
 
 
-def child(model: str, manifest: str, device: str, metrics: str) -> None:
-    """One scoring run; prints a JSON line with timings and peak memory."""
+def child(model: str, manifest: str, device: str, metrics: str, exact_sums: bool) -> None:
+    """One scoring run; prints a JSON line with timings, peak memory and scores."""
     from layerprobe.config import AnalysisConfig
     from layerprobe.score import score_model
 
     config = AnalysisConfig(corpus=manifest, device=device, batch_seconds=60.0,
-                            metrics=tuple(metrics.split(",")))
+                            metrics=tuple(metrics.split(",")), exact_sums=exact_sums)
     start = time.perf_counter()
     # the word probe needs more items than 768 + vocabulary dimensions: more than 5 min has
     with warnings.catch_warnings():
@@ -88,6 +95,7 @@ def child(model: str, manifest: str, device: str, metrics: str) -> None:
         "audio_seconds": results[0].meta["audio_seconds"],
         "items": {f"{r.probe}/{r.metric}": r.details["n_items"] for r in results},
         "clusters": {r.probe: r.details["n_clusters"] for r in results if r.metric == "mi"},
+        "scores": {f"{r.probe}/{r.metric}": r.scores for r in results},
     }))
 
 
@@ -246,7 +254,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--lloyd", action="store_true",
                         help="--kmeans / --agreement: also run the torch backend's full Lloyd")
+    parser.add_argument("--compare-sums", action="store_true",
+                        help="compensated (exact_sums) vs plain float64 moments")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MANIFEST"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain-sums", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kmeans:
         kmeans_benchmark(args.layers, args.items, args.clusters, args.device, args.lloyd)
@@ -255,7 +266,10 @@ def main() -> None:
         agreement(args.device, args.seeds, args.lloyd)
         return
     if args.child:
-        child(*args.child, args.device, args.metrics)
+        child(*args.child, args.device, args.metrics, not args.plain_sums)
+        return
+    if args.compare_sums:
+        compare_sums(args.minutes, args.device, args.metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "hubert_base_random.pt"
@@ -265,24 +279,8 @@ def main() -> None:
             manifest = Path(tmp) / f"corpus_x{copies}.jsonl"
             seconds = write_manifest(manifest, args.minutes, copies)
             print(f"scoring {seconds / 60:.1f} min of audio (fresh process) ...", flush=True)
-            proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--metrics", args.metrics,
-                 "--child", str(model), str(manifest)], capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                sys.exit(f"scoring run failed:\n{proc.stderr[-3000:]}")
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"\nHuBERT-Base-sized (12 layers, 768-d, random weights) on {args.device}, "
-          f"{torch.get_num_threads()} threads, metrics {args.metrics}")
-    header = f"{'audio':>8} {'read':>7} {'forward':>8} {'stats':>7} {'cca':>7} {'mi':>7} " \
-             f"{'wall':>7} {'audio s/s':>9} {'peak MiB':>9}  items"
-    print(header)
-    for run in runs:
-        t = run["timings"]
-        print(f"{run['audio_seconds'] / 60:>6.1f}m {t['read']:>7.1f} {t['forward']:>8.1f} "
-              f"{t['statistics']:>7.1f} {t['cca']:>7.1f} {t['mi']:>7.1f} {run['wall']:>7.1f} "
-              f"{run['audio_seconds'] / run['wall']:>9.1f} {run['peak_mib']:>9.0f}  "
-              f"{run['items']} MI clusters {run['clusters']}")
+            runs.append(scoring_run(model, manifest, args.device, args.metrics))
+    print_runs(runs, args.device, args.metrics)
     first, second = runs
     t = first["timings"]
     print(f"\nCCA / forward = {t['cca'] / t['forward']:.3f}; MI / forward = "
@@ -290,6 +288,63 @@ def main() -> None:
           f"{(t['statistics'] + t['cca'] + t['mi']) / t['forward']:.3f}")
     print(f"forward seconds per audio second = {t['forward'] / first['audio_seconds']:.3f}")
     print(f"peak memory, 2x audio / 1x audio = {second['peak_mib'] / first['peak_mib']:.3f}")
+
+
+def scoring_run(model: Path, manifest: Path, device: str, metrics: str,
+                plain_sums: bool = False) -> dict:
+    """One scoring run in a fresh process (its JSON line)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--device", device, "--metrics", metrics,
+         "--child", str(model), str(manifest), *(["--plain-sums"] if plain_sums else [])],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"scoring run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_runs(runs: list[dict], device: str, metrics: str, names: list[str] | None = None
+               ) -> None:
+    print(f"\nHuBERT-Base-sized (12 layers, 768-d, random weights) on {device}, "
+          f"{torch.get_num_threads()} threads, metrics {metrics}")
+    header = f"{'audio':>8} {'read':>7} {'forward':>8} {'stats':>7} {'cca':>7} {'mi':>7} " \
+             f"{'wall':>7} {'audio s/s':>9} {'peak MiB':>9}  items"
+    print(header)
+    for i, run in enumerate(runs):
+        t = run["timings"]
+        print(f"{run['audio_seconds'] / 60:>6.1f}m {t['read']:>7.1f} {t['forward']:>8.1f} "
+              f"{t['statistics']:>7.1f} {t['cca']:>7.1f} {t['mi']:>7.1f} {run['wall']:>7.1f} "
+              f"{run['audio_seconds'] / run['wall']:>9.1f} {run['peak_mib']:>9.0f}  "
+              + (f"{names[i]}" if names else f"{run['items']} MI clusters {run['clusters']}"))
+
+
+def compare_sums(minutes: float, device: str, metrics: str) -> None:
+    """Compensated (exact_sums) against plain float64 moments on the same audio: plain, exact,
+    plain, exact (fresh processes; the machine's drift shows in the repeats)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "hubert_base_random.pt"
+        build_model(model)
+        manifest = Path(tmp) / "corpus.jsonl"
+        seconds = write_manifest(manifest, minutes, 1)
+        print(f"scoring {seconds / 60:.1f} min of audio 4 times (fresh processes) ...", flush=True)
+        names = ["plain", "exact", "plain", "exact"]
+        runs = [scoring_run(model, manifest, device, metrics, plain_sums=name == "plain")
+                for name in names]
+    print_runs(runs, device, metrics, names)
+    plain = [r for r, n in zip(runs, names, strict=True) if n == "plain"]
+    exact = [r for r, n in zip(runs, names, strict=True) if n == "exact"]
+    stats = [r["timings"]["statistics"] for r in (*plain, *exact)]
+    print(f"\nstatistics, exact / plain: {stats[2] / stats[0]:.2f} and {stats[3] / stats[1]:.2f}"
+          f" (plain {stats[0]:.1f} / {stats[1]:.1f} s, exact {stats[2]:.1f} / {stats[3]:.1f} s)")
+    print(f"wall, exact / plain: {exact[0]['wall'] / plain[0]['wall']:.3f} and "
+          f"{exact[1]['wall'] / plain[1]['wall']:.3f}")
+    print(f"peak memory, exact / plain: {exact[0]['peak_mib'] / plain[0]['peak_mib']:.3f}")
+    for key in exact[0]["scores"]:
+        moved = max(abs(a - b) for a, b in zip(exact[0]["scores"][key], plain[0]["scores"][key],
+                                               strict=True))
+        again = max(abs(a - b) for a, b in zip(exact[0]["scores"][key], exact[1]["scores"][key],
+                                               strict=True))
+        print(f"{key}: max |exact - plain| = {moved:.2g}; exact run 2 vs run 1: {again:.2g}")
 
 
 if __name__ == "__main__":
