@@ -834,8 +834,14 @@ def start_warm_up(device) -> threading.Thread | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    thread = threading.Thread(target=_warm_up, args=(device,), name="layerprobe-warm-up",
-                              daemon=True)
+    def run() -> None:
+        try:
+            _warm_up(device)
+        except Exception as err:  # noqa: BLE001 - only a head start: the real fits report errors
+            warnings.warn(f"the fits' warm-up on {device} failed ({err}); the first fits will "
+                          "start the libraries themselves", RuntimeWarning, stacklevel=1)
+
+    thread = threading.Thread(target=run, name="layerprobe-warm-up", daemon=True)
     thread.start()
     return thread
 

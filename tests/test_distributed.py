@@ -67,10 +67,14 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
             "--metric", "mi", "--max-utterances", "15", "--device", "cpu", "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--standalone", "-m", "layerprobe"]
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[cca]\nexact_sums = false\n")
     runs = {
         "one": [sys.executable, "-m", "layerprobe", "score", str(spec), str(spec)],
         "whole": [*torchrun, "score", str(spec), str(spec)],  # a checkpoint per rank
         "sharded": [*torchrun, "score", str(spec)],  # one checkpoint: utterances shared out
+        # plain float64 sums, summed over the ranks in rank order
+        "sharded_plain": [*torchrun, "score", str(spec), "--config", str(plain)],
     }
     results = {}
     for name, cmd in runs.items():
@@ -81,6 +85,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
         assert done.returncode == 0, (name, done.stderr[-3000:])
         results[name] = load_results(tmp_path / f"{name}.json")
     one, whole, sharded = results["one"], results["whole"], results["sharded"]
+    sharded_plain = results["sharded_plain"]
     assert {r.metric for r in one} == {"pwcca", "mi"}
     assert [(r.label, r.probe, r.metric) for r in one] == \
         [(r.label, r.probe, r.metric) for r in whole]
@@ -105,3 +110,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
                                    err_msg=f"{a.probe}/{a.metric}")
         if a.std is not None:
             np.testing.assert_allclose(b.std, a.std, rtol=0, atol=tol)
+    for a, b in zip(first, sharded_plain, strict=True):  # rounding apart (1e-7 on words)
+        assert b.meta["config"]["exact_sums"] is False
+        np.testing.assert_allclose(b.scores, a.scores, rtol=0, atol=1e-6,
+                                   err_msg=f"{a.probe}/{a.metric}")
