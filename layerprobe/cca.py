@@ -834,6 +834,7 @@ def start_warm_up(device) -> threading.Thread | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
+
     def run() -> None:
         try:
             _warm_up(device)

@@ -171,7 +171,7 @@ class Moments:
         self.xy = torch.zeros(S, L, dx, dy, **kw)
         self.yy = torch.zeros(S, dy, dy, **kw)
         self.compensated = bool(compensated)
-        # compensation terms: the exact value of a sum is hi + lo (zero-size when not compensated)
+        # compensation terms: the exact value of a sum is hi + lo (None when not compensated)
         self._lo = {k: torch.zeros_like(getattr(self, k)) if self.compensated else None
                     for k in _SUM_FIELDS}
         self._gram: torch.Tensor | None = None  # [L, dx, dx] scratch of a flush's Gram
