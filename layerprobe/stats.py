@@ -272,12 +272,13 @@ class Moments:
         readers see the correctly rounded sums in the plain fields."""
         if self._settled or not self.compensated:
             return
-        for name in _SUM_FIELDS:
-            hi, lo = getattr(self, name), self._lo[name]
-            for s in range(hi.shape[0]):
-                rest = lo[s].clone()
-                lo[s].zero_()
-                _two_sum_add_(hi[s], lo[s], rest)
+        with _cpu_threads(self._threads):
+            for name in _SUM_FIELDS:
+                hi, lo = getattr(self, name), self._lo[name]
+                for s in range(hi.shape[0]):
+                    rest = lo[s].clone()
+                    lo[s].zero_()
+                    _two_sum_add_(hi[s], lo[s], rest)
         self._settled = True
         self._total = None
 
@@ -329,9 +330,10 @@ class Moments:
             self.sum_y[s].add_(ys.sum(dim=0))
             return
         self._settled = False
-        for name, part in (("xx", self._gram), ("xy", cross), ("yy", ys.T @ ys),
-                           ("sum_x", row_sums), ("sum_y", ys.sum(dim=0))):
-            _two_sum_add_(getattr(self, name)[s], self._lo[name][s], part)
+        with _cpu_threads(self._threads):  # elementwise passes over whole slots: all threads
+            for name, part in (("xx", self._gram), ("xy", cross), ("yy", ys.T @ ys),
+                               ("sum_x", row_sums), ("sum_y", ys.sum(dim=0))):
+                _two_sum_add_(getattr(self, name)[s], self._lo[name][s], part)
 
     def end_block(self) -> None:
         """Fold the buffered rows in now: a boundary that does not depend on what comes next
