@@ -826,18 +826,23 @@ def _warm_up(device: torch.device) -> None:
     cca_score_metrics(mom, list(FIT_SHARING_METRICS), n_trials=1, device=device)
 
 
+_WARM_DEVICES: set[torch.device] = set()  # devices whose warm-up has finished
+
+
 def start_warm_up(device) -> threading.Thread | None:
     """On CUDA, run :func:`_warm_up` in a background thread and return it (``join`` it before
     the fits): the one-time start of cuSOLVER/cuBLAS and the host LAPACK pool (0.7 s on an
     H100, measured as the first call's fits minus warm ones) then overlaps the forward pass
-    instead of adding to the first fits. None on the CPU (nothing to start)."""
+    instead of adding to the first fits. None on the CPU (nothing to start) and on a device
+    already warmed up (e.g. the second of several checkpoints)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or device in _WARM_DEVICES:
         return None
 
     def run() -> None:
         try:
             _warm_up(device)
+            _WARM_DEVICES.add(device)
         except Exception as err:  # noqa: BLE001 - only a head start: the real fits report errors
             warnings.warn(f"the fits' warm-up on {device} failed ({err}); the first fits will "
                           "start the libraries themselves", RuntimeWarning, stacklevel=1)

@@ -263,9 +263,8 @@ class Moments:
         """Fold the buffered rows into the statistics: rows are sorted by split, then one batched
         float64 matmul over layers per split present (compensated: then every sum rounded to its
         nearest float64, the remainder kept in its ``lo`` term)."""
-        with _cpu_threads(1 if self.device.type == "cpu" else None):
-            self._flush()
-            self._settle()
+        self.end_block()
+        self._settle()
 
     def _settle(self) -> None:
         """Compensated sums: ``hi, lo = fl(hi + lo), (hi + lo) - fl(hi + lo)`` (exact), so that

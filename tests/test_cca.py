@@ -435,14 +435,16 @@ def test_thin_svd_split_over_threads_equals_one_thread(shape):
     torch.testing.assert_close(u1.mT @ u1, torch.eye(k, dtype=m.dtype).expand(shape[0], k, k))
 
 
-def test_warm_up_runs_the_fits_library_paths_and_is_a_thread_on_cuda_only():
-    """The miniature protocol runs (on the CPU here); start_warm_up starts nothing on the CPU and
-    a thread that finishes on CUDA."""
-    from layerprobe.cca import _warm_up, start_warm_up
+def test_warm_up_runs_the_fits_library_paths_and_is_a_thread_on_cuda_only(monkeypatch):
+    """The miniature protocol runs (on the CPU here); start_warm_up starts nothing on the CPU, and
+    on CUDA a thread that finishes, once per device."""
+    import layerprobe.cca as cca
 
-    _warm_up(torch.device("cpu"))
-    assert start_warm_up("cpu") is None
+    monkeypatch.setattr(cca, "_WARM_DEVICES", set())
+    cca._warm_up(torch.device("cpu"))
+    assert cca.start_warm_up("cpu") is None
     if torch.cuda.is_available():
-        thread = start_warm_up("cuda")
+        thread = cca.start_warm_up("cuda:0")
         thread.join(timeout=120)
         assert not thread.is_alive()
+        assert cca.start_warm_up("cuda:0") is None  # warmed up already
