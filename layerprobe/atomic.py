@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from layerprobe.fault_points import fault_point
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -81,6 +83,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), _target_mode(path))
             write(handle)
+        fault_point(f"write:{path.name}")  # a kill here leaves the temporary file, never `path`
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -83,7 +83,7 @@ from layerprobe.stats import CentredStats, Moments, _cpu_threads, as_tensor
 
 __all__ = ["EPS_GRID", "METRICS", "CCAResult", "assign_splits", "cca_score",
            "cca_score_metrics", "cca_score_moments", "pwcca", "cca_similarity", "null_basis",
-           "shard_groups", "start_warm_up"]
+           "shard_groups", "start_warm_up", "trial_pairs"]
 
 EPS_GRID: tuple[float, ...] = (1e-10, 1e-11, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 METRICS: tuple[str, ...] = CCA_METRICS  # the names live in layerprobe.registry
@@ -149,7 +149,24 @@ def _inv_sqrt_diag(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def _thin_svd_host(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin ``(U, V^T)`` of host matrices ``m`` [g, a, b] by LAPACK (see :func:`_thin_svd`)."""
+    """Thin ``(U, V^T)`` of host matrices ``m`` [g, a, b] by LAPACK (see :func:`_thin_svd`).
+
+    A matrix whose SVD does not converge (LAPACK's error, e.g. for entries near overflow) gets
+    NaN factors, so its eps pair fails like any other non-finite fit instead of failing every
+    layer's."""
+    try:
+        return _thin_svd_batch(m)
+    except torch.linalg.LinAlgError:
+        if m.shape[0] == 1:
+            a, b = m.shape[-2:]
+            k = min(a, b)
+            return (torch.full((1, a, k), torch.nan, dtype=m.dtype),
+                    torch.full((1, k, b), torch.nan, dtype=m.dtype))
+        parts = [_thin_svd_host(m[j:j + 1]) for j in range(m.shape[0])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _thin_svd_batch(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m.shape[-2] >= m.shape[-1]:
         q, r = torch.linalg.qr(m)
         ur, _, vh = torch.linalg.svd(r)
@@ -658,6 +675,12 @@ def _candidates(n_splits: int, eps_grid: Sequence[float], seed: int):
             [rest[k] for k in rng.permutation(len(rest))]
         out.append((dev, test, pairs))
     return out
+
+
+def trial_pairs(n_splits: int, seed: int) -> list[tuple[int, int]]:
+    """The disjoint (dev, test) split pairs the protocol's trials take for ``seed``, in order
+    (the linear-classification proxy uses the same ones)."""
+    return [(dev, test) for dev, test, _ in _candidates(n_splits, EPS_GRID, seed)]
 
 
 def items_per_dimension(moments: Moments, n_splits: int) -> float:

@@ -448,6 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "--resume.")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(func=run_pretrain)
+
+    from pretraining.cli import add_study_arguments, run_study_command
+
+    study = sub.add_parser("study", help="the schedule study: every schedule x training seeds, "
+                           "profiled on a held-out voice, pooled into one summary",
+                           description="Build the study corpora (synthetic voices, one held "
+                           "out), pretrain every schedule with several seeds at one step "
+                           "budget, profile every checkpoint on the held-out voice, and write "
+                           "summary.json and figures. Resumable: run it again to continue.")
+    add_study_arguments(study)
+    study.set_defaults(func=run_study_command)
     return parser
 
 

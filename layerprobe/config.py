@@ -35,6 +35,7 @@ class AnalysisConfig:
     phone_clusters: int = 0  # 0: chosen from the data (layerprobe.score.auto_clusters)
     word_clusters: int = 0
     mi_kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # [mi] k-means settings
+    linear_probes: tuple[str, ...] = ("phone",)  # [linear] probes: the linear proxy's probes
     batch_seconds: float = 60.0
     max_chunk_seconds: float = 30.0
     device: str = "auto"
@@ -58,6 +59,7 @@ class AnalysisConfig:
             raise ValueError(f"n_seeds = {self.n_seeds} re-deals shards into splits: it needs "
                              f"[probes] shards_per_split >= 2 (got "
                              f"{self.probe_config.shards_per_split}), or n_seeds = 1")
+        object.__setattr__(self, "linear_probes", tuple(self.linear_probes))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -88,7 +90,8 @@ class AnalysisConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> AnalysisConfig:
-        """Load ``[corpus]``, ``[probes]``, ``[cca]``, ``[mi]`` and ``[model]`` tables."""
+        """Load ``[corpus]``, ``[probes]``, ``[cca]``, ``[mi]``, ``[linear]`` and ``[model]``
+        tables."""
         path = Path(path)
         data = read_toml(path, what="analysis config")
         try:
@@ -98,7 +101,7 @@ class AnalysisConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: Path | None = None) -> AnalysisConfig:
-        known = {"corpus", "probes", "cca", "mi", "model"}
+        known = {"corpus", "probes", "cca", "mi", "linear", "model"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown section(s) {unknown}; expected {sorted(known)}")
@@ -128,6 +131,7 @@ class AnalysisConfig:
         kw["mi_kmeans"] = KMeansConfig(**kmeans)
         _take(mi, kw, {"phone_clusters": "phone_clusters", "word_clusters": "word_clusters"},
               "mi")
+        _take(dict(data.get("linear", {})), kw, {"probes": "linear_probes"}, "linear")
         _take(dict(data.get("model", {})), kw, {"batch_seconds": "batch_seconds",
                                                 "max_chunk_seconds": "max_chunk_seconds",
                                                 "device": "device", "bf16": "bf16"}, "model")

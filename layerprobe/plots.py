@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ METRIC_NAMES = {
     "svcca": "SVCCA",
     "cka": "linear CKA",
     "mi": "MI / H(labels)",
+    "linear-accuracy": "linear accuracy",
 }
 _ITERATION = re.compile(r"(?:^|[^a-z])it(?:er(?:ation)?)?[-_ ]?(\d+)$", re.IGNORECASE)
 
@@ -220,3 +221,92 @@ def plot_layerwise(
     finally:
         plt.close(fig)
     return out
+
+
+Point = tuple[float, float, float | None]  # (x, value, std or None)
+
+
+def learning_curve_points(results: Sequence[Result]) -> dict[str, list[Point]]:
+    """Per panel, one point per checkpoint at its ``meta["cumulative_step"]``: each (probe,
+    metric)'s best-layer score (with that layer's std), the autoencoder index (``word_drop``,
+    ``fbank_rise``) and the masked accuracy of training (``meta["acc_masked"]``)."""
+    from layerprobe.autoencoder import autoencoder_index
+
+    steps = {r.label: r.meta.get("cumulative_step") for r in results}
+    panels: dict[str, list[Point]] = {}
+    for r in results:
+        if steps[r.label] is None:
+            continue
+        best = max(range(len(r.scores)), key=lambda i: r.scores[i])
+        name = f"{r.probe} · {METRIC_NAMES.get(r.metric, r.metric)}, best layer"
+        panels.setdefault(name, []).append(
+            (steps[r.label], r.scores[best], r.std[best] if r.std else None))
+    for row in autoencoder_index(results):
+        for index in ("word_drop", "fbank_rise"):
+            if row.get(index) is not None and steps.get(row["label"]) is not None:
+                panels.setdefault(f"{index} ({row['metric']})", []).append(
+                    (steps[row["label"]], row[index], row.get(f"{index}_std")))
+    accuracy = {r.label: r.meta.get("acc_masked") for r in results}
+    for label, acc in accuracy.items():
+        if acc is not None and steps[label] is not None:
+            panels.setdefault("masked accuracy (training)", []).append((steps[label], acc, None))
+    return {name: sorted(points) for name, points in panels.items()}
+
+
+def plot_curves(series: Mapping[str, Mapping[str, Sequence[Point]]], out: str | Path, *,
+                title: str | None = None, xlabel: str = "training steps (all iterations)",
+                boundaries: Sequence[float] = ()) -> Path:
+    """One panel per key of ``series``, one line per inner key (e.g. a run or a schedule) through
+    its ``(x, value, std)`` points, with a ±1 std band where stds are given; ``boundaries``: x
+    positions marked by dotted lines (e.g. iteration ends)."""
+    if not series:
+        raise ValueError("no curves to plot")
+    out = check_figure_path(out)
+    names = list(series)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    lines = sorted({k for panel in series.values() for k in panel}, key=natural_key)
+    colours = _colours(lines)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.6), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for line in lines:
+            points = sorted(series[name].get(line, ()))
+            if not points:
+                continue
+            x = [p[0] for p in points]
+            y = [p[1] for p in points]
+            ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, color=colours[line],
+                    label=line)
+            if all(p[2] is not None for p in points):
+                ax.fill_between(x, [v - p[2] for v, p in zip(y, points, strict=True)],
+                                [v + p[2] for v, p in zip(y, points, strict=True)],
+                                color=colours[line], alpha=0.2, linewidth=0)
+        for b in boundaries:
+            ax.axvline(b, color="0.6", linestyle=":", linewidth=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if len(lines) > 1:
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center",
+                   ncol=min(len(lines), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 if len(lines) > 1 else 0, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(out, lambda handle: fig.savefig(handle, format=out.suffix[1:], dpi=150))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_learning_curves(runs: Sequence[tuple[str, Sequence[Result]]], out: str | Path, *,
+                         title: str | None = None) -> Path:
+    """Learning curves of one or more runs (name, results of their step checkpoints)."""
+    series: dict[str, dict[str, Sequence[Point]]] = {}
+    for name, results in runs:
+        for panel, points in learning_curve_points(results).items():
+            series.setdefault(panel, {})[name] = points
+    return plot_curves(series, out, title=title)

@@ -10,7 +10,9 @@ SEGMENT_PROBES: tuple[str, ...] = ("phone", "word", "word-embedding")  # items w
 CCA_METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca", "svcca", "cka")
 FIT_SHARING_METRICS: tuple[str, ...] = ("pwcca", "pwcca-centred", "mean-cca")  # same fits
 MI_METRICS: tuple[str, ...] = ("mi",)
-ALL_METRICS: tuple[str, ...] = (*CCA_METRICS, *MI_METRICS)
+CLASSIFIER_METRICS: tuple[str, ...] = ("linear-accuracy",)  # segment probes with class labels
+SEGMENT_METRICS: tuple[str, ...] = (*MI_METRICS, *CLASSIFIER_METRICS)  # need the items kept
+ALL_METRICS: tuple[str, ...] = (*CCA_METRICS, *MI_METRICS, *CLASSIFIER_METRICS)
 ALL_CHOICE_METRICS: tuple[str, ...] = ("pwcca", "mi")  # what ``--metric all`` means
 
 MI_BACKENDS: tuple[str, ...] = ("torch", "sklearn")

@@ -191,6 +191,11 @@ def append_results(results: Sequence[Result], path: str | Path) -> tuple[list[Re
     return merged, replaced
 
 
+# meta fields that describe one run, not the pooled experiment (left out of pooled results)
+RUN_OWN_META = ("run", "seed", "seconds", "timings", "created", "acc_masked", "loss",
+                "targets_quality")
+
+
 def pool_runs(runs: Sequence[tuple[str, Sequence[Result]]]) -> list[Result]:
     """Results of several runs of the same experiment (e.g. a pretraining schedule trained with
     different seeds) pooled per (label, probe, metric): scores = mean over runs, ``std`` = std
@@ -239,7 +244,7 @@ def pool_runs(runs: Sequence[tuple[str, Sequence[Result]]]) -> list[Result]:
                      "seed_scores": curves, "run_std": [r.std for r in parts],
                      "run_models": [r.model for r in parts]},
             meta={"pooled_runs": n, **{k: v for k, v in first.meta.items()  # not one run's
-                                       if k not in ("run", "seconds", "timings", "created")}}))
+                                       if k not in RUN_OWN_META}}))
     return pooled
 
 

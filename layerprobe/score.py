@@ -25,10 +25,11 @@ from layerprobe.corpus import Corpus, CorpusWarning, load_audio, load_corpus
 from layerprobe.distributed import Dist, init_distributed, resolve_device
 from layerprobe.extract import iter_hidden_states
 from layerprobe.labels import unique_labels
+from layerprobe.linear import linear_accuracy
 from layerprobe.mi import mi_score
 from layerprobe.models import LayerModel, load
 from layerprobe.probes import Probe, UtteranceTargets, build_probes, pool_spans
-from layerprobe.registry import CCA_METRICS
+from layerprobe.registry import CCA_METRICS, SEGMENT_METRICS
 from layerprobe.results import Result
 from layerprobe.stats import Moments
 
@@ -94,8 +95,8 @@ class _ProbeState:
 
     probe: Probe
     moments: Moments
-    mi_items: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict)  # utterance index -> (pooled [L, n, d], labels [n], split [n])
+    items: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)  # utterance index -> (pooled [L, n, d], labels [n], shard [n])
     n_items: int = 0
 
 
@@ -263,7 +264,9 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     started = time.time()
     model, model_spec = _load_model(model_spec_or_model, device, config)
     corpus = plan.corpus
-    want_mi = "mi" in config.metrics
+    item_metrics = {name: segment_metrics(name, probe, config)
+                    for name, probe in plan.probes.items()}
+    keep_items = any(item_metrics.values())  # MI and the linear proxy need the pooled items
     cca_metrics = [m for m in config.metrics if m in CCA_METRICS]
     n_layers = model.n_layers + 1
     # created up front: a rank that sees no items still takes part in the reduction
@@ -272,7 +275,7 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                                                       compensated=config.exact_sums))
               for name, probe in plan.probes.items()}
     timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "reduce": 0.0, "cca": 0.0,
-               "mi": 0.0}
+               "mi": 0.0, "linear": 0.0}
     too_short: list[str] = []
     audio_seconds = 0.0
     blocks = [block for b, block in enumerate(utterance_blocks(len(corpus.utterances)))
@@ -317,7 +320,7 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
             bar.update(1)
             tic = time.perf_counter()
             for name, targets in item.targets.items():
-                _accumulate(states[name], hidden, targets, want_mi,
+                _accumulate(states[name], hidden, targets, bool(item_metrics[name]),
                             index=item.index, utterance=corpus.utterances[item.index].id)
             _synchronize(device)
             timings["statistics"] += time.perf_counter() - tic
@@ -331,7 +334,7 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     timings["forward"] = max(loop - timings["read"] - timings["statistics"], 0.0)
 
     tic = time.perf_counter()
-    counts = _reduce(states, dist_info, want_mi,
+    counts = _reduce(states, dist_info, keep_items,
                      (n_utterances, audio_seconds, len(too_short), too_short[:1],
                       sorted(plan.unreadable.items())))
     timings["reduce"] = time.perf_counter() - tic
@@ -364,8 +367,7 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
     results: list[Result] = []
     for name, state in states.items():
         shared: dict = {}  # the probe's CCA metrics, computed together on first use (shared fits)
-        for metric in (*cca_metrics, *(["mi"] if want_mi and state.probe.level == "segment"
-                                       else [])):
+        for metric in (*cca_metrics, *item_metrics[name]):
             tic = time.perf_counter()
             try:
                 if state.n_items == 0:
@@ -378,6 +380,9 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                           "probe": name, "layers": layers}
                 if metric == "mi":
                     results.append(_mi_result(state, config, device, common, meta, started))
+                elif metric == "linear-accuracy":
+                    results.append(_linear_result(state, config, device, common, meta,
+                                                  started))
                 else:
                     if not shared:
                         shared.update(cca_score_metrics(
@@ -398,9 +403,18 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                 if not skip_failed:
                     raise ValueError(message) from err
                 warnings.warn(message, ScoringWarning, stacklevel=2)
-            timings["mi" if metric == "mi" else "cca"] += time.perf_counter() - tic
+            timings[_TIMING_OF.get(metric, "cca")] += time.perf_counter() - tic
     timings = {k: round(v, 3) for k, v in timings.items()}
     return [replace(r, meta={**r.meta, "timings": timings}) for r in results]
+
+
+def segment_metrics(name: str, probe: Probe, config: AnalysisConfig) -> list[str]:
+    """The metrics of ``config`` that need a probe's pooled items: MI for every segment probe,
+    the linear proxy for the probes of ``[linear] probes``."""
+    if probe.level != "segment":
+        return []
+    return [m for m in config.metrics if m in SEGMENT_METRICS
+            and (m != "linear-accuracy" or name in config.linear_probes)]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -408,21 +422,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reduce(states: dict[str, _ProbeState], dist_info: Dist, want_mi: bool, counts: tuple
+_TIMING_OF = {"mi": "mi", "linear-accuracy": "linear"}  # other metrics: "cca"
+
+
+def _reduce(states: dict[str, _ProbeState], dist_info: Dist, keep_items: bool, counts: tuple
             ) -> tuple:
     """Combine the ranks' shares on rank 0, in rank order: moments summed field by field and
-    split slot by split slot (float64, compensated ones with their ``lo`` terms), MI items and
-    counts gathered. Returns the combined counts (on rank 0; this rank's on the others)."""
+    split slot by split slot (float64, compensated ones with their ``lo`` terms), pooled items
+    and counts gathered. Returns the combined counts (on rank 0; this rank's on the others)."""
     if not dist_info.enabled:
         return counts
     for state in states.values():
         state.moments.all_reduce_()
         gathered = dist_info.gather_object(
-            (state.n_items, state.mi_items if want_mi else {}))
+            (state.n_items, state.items if keep_items else {}))
         if dist_info.main:
             assert gathered is not None
             state.n_items = sum(n for n, _ in gathered)
-            state.mi_items = {k: v for _, items in gathered for k, v in items.items()}
+            state.items = {k: v for _, items in gathered for k, v in items.items()}
     gathered_counts = dist_info.gather_object(counts)
     if not dist_info.main:
         return counts
@@ -439,7 +456,7 @@ def _accumulate(
     state: _ProbeState,
     hidden: torch.Tensor,
     targets: UtteranceTargets,
-    want_mi: bool,
+    keep_items: bool,
     *,
     index: int,
     utterance: str,
@@ -453,18 +470,39 @@ def _accumulate(
     pooled = pool_spans(hidden, targets.spans.to(hidden.device))
     state.moments.update(pooled, targets.y.to(hidden.device), targets.split.to(hidden.device))
     state.n_items += int(pooled.shape[1])
-    if want_mi and state.probe.level == "segment":
-        state.mi_items[index] = (pooled.float().cpu(), targets.labels.cpu(), targets.split.cpu())
+    if keep_items and state.probe.level == "segment":
+        state.items[index] = (pooled.float().cpu(), targets.labels.cpu(), targets.split.cpu())
+
+
+def _pooled_items(state: _ProbeState) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A segment probe's kept items in utterance order (whatever the batching or the number of
+    ranks): features ``[L, n, d]``, labels ``[n]``, shard ids ``[n]``."""
+    order = sorted(state.items)
+    features = torch.cat([state.items[i][0] for i in order], dim=1)
+    labels = torch.cat([state.items[i][1] for i in order]).numpy()
+    split = torch.cat([state.items[i][2] for i in order]).numpy()
+    return features, labels, split
+
+
+def _linear_result(state: _ProbeState, config: AnalysisConfig, device: torch.device,
+                   common: dict, meta: dict, started: float) -> Result:
+    """Held-out accuracy of a linear classifier of the segment labels, per layer, on the CCA
+    protocol's splits and seeds (:func:`layerprobe.linear.linear_accuracy`): one trial per split
+    seed, its first (dev, test) pair (the fits cost ~20x the CCA fits per trial)."""
+    features, labels, split = _pooled_items(state)
+    result = linear_accuracy(features, labels, split, n_splits=config.probe_config.n_splits,
+                             n_trials=1, n_seeds=config.n_seeds, seed=config.seed,
+                             device=device)
+    return Result(**common, metric="linear-accuracy", scores=[float(s) for s in result.scores],
+                  std=result.std, details={**result.details, "n_items": int(labels.shape[0])},
+                  meta={**meta, "seconds": round(time.time() - started, 3)})
 
 
 def _mi_result(state: _ProbeState, config: AnalysisConfig, device: torch.device, common: dict,
                meta: dict, started: float) -> Result:
     """Cluster each layer's segment features (items in utterance order, whatever the batching or
     the number of ranks) and score MI against the segment labels."""
-    order = sorted(state.mi_items)
-    features = torch.cat([state.mi_items[i][0] for i in order], dim=1)
-    labels = torch.cat([state.mi_items[i][1] for i in order]).numpy()
-    split = torch.cat([state.mi_items[i][2] for i in order]).numpy()
+    features, labels, split = _pooled_items(state)
     train = mi_train_mask(split, config.probe_config.n_splits)
     name = state.probe.name
     n_held_out = int((~train).sum())

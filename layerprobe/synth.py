@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +58,35 @@ VOICES: dict[str, Voice] = {v.name: v for v in (
     Voice("flite_rms", "flite", "rms", "flite"),
     Voice("flite_awb", "flite", "awb", "flite"),
 )}
+SPEED_RANGE = (0.5, 2.0)  # speed factors a voice variant ``NAME@SPEED`` may take
 DEFAULT_VOICES = ("slt_hts", "kal_diphone", "ked_diphone")
 
 
 class SynthError(RuntimeError):
     """The synthesizer is missing or failed, or its output does not check out."""
+
+
+class SynthWarning(UserWarning):
+    """A voice failed to synthesize and was left out of the corpus."""
+
+
+def parse_voice(spec: str) -> tuple[Voice, float]:
+    """``NAME`` or ``NAME@SPEED`` (a speed-perturbed variant, as Kaldi's speed perturbation:
+    ``flite_rms@1.1`` is 10 % faster and higher) → (voice, speed factor)."""
+    name, _, speed_text = spec.partition("@")
+    if name not in VOICES:
+        raise ValueError(f"unknown voice {name!r}; choose from {sorted(VOICES)} (optionally "
+                         "with @SPEED, e.g. flite_rms@1.1)")
+    if not speed_text:
+        return VOICES[name], 1.0
+    try:
+        speed = float(speed_text)
+    except ValueError:
+        raise ValueError(f"voice {spec!r}: speed {speed_text!r} is not a number") from None
+    if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+        raise ValueError(f"voice {spec!r}: speed must lie in [{SPEED_RANGE[0]}, "
+                         f"{SPEED_RANGE[1]}], got {speed}")
+    return VOICES[name], speed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,16 +377,33 @@ def _flite_speech(voice: Voice, sentences: Sequence[str],
     return out
 
 
+def change_speed(speech: AlignedSpeech, speed: float) -> AlignedSpeech:
+    """Speed perturbation (Kaldi's ``speed`` / sox ``speed``): the audio is resampled as if it
+    had been recorded at ``speed`` × 16 kHz, so it lasts 1/``speed`` as long, with pitch and
+    formants scaled by ``speed``; every time is divided by ``speed`` (alignments stay exact)."""
+    if speed == 1.0:
+        return speech
+    wave = torchaudio.functional.resample(torch.from_numpy(speech.audio),
+                                          round(SAMPLE_RATE * speed), SAMPLE_RATE)
+
+    def scaled(items: tuple[tuple[str, float, float], ...]) -> tuple[tuple[str, float, float], ...]:
+        return tuple((name, a / speed, b / speed) for name, a, b in items)
+
+    return AlignedSpeech(speech.text, wave.numpy().astype(np.float32), scaled(speech.words),
+                         scaled(speech.phones), speech.segment_end / speed)
+
+
 def synthesize(voice: str, sentences: Sequence[str]) -> list[AlignedSpeech | None]:
-    """Synthesize ``sentences`` with one voice; ``None`` for a sentence whose times do not check
-    out (flite: phones differ from festival's analysis, needed for word times)."""
-    if voice not in VOICES:
-        raise ValueError(f"unknown voice {voice!r}; choose from {sorted(VOICES)}")
-    v = VOICES[voice]
+    """Synthesize ``sentences`` with one voice (``NAME`` or ``NAME@SPEED``); ``None`` for a
+    sentence whose times do not check out (flite: phones differ from festival's analysis, needed
+    for word times)."""
+    v, speed = parse_voice(voice)
     with tempfile.TemporaryDirectory(prefix="layerprobe-synth-") as tmp:
         if v.engine == "festival":
-            return _festival_speech(v, sentences, Path(tmp))
-        return _flite_speech(v, sentences, Path(tmp))
+            out = _festival_speech(v, sentences, Path(tmp))
+        else:
+            out = _flite_speech(v, sentences, Path(tmp))
+    return [None if s is None else change_speed(s, speed) for s in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +482,59 @@ def _check_written(audio_path: Path) -> None:
 
 SECONDS_PER_SENTENCE_GUESS = 2.8
 CHUNK = 16
+MAX_FAILED_CHUNKS = 3  # a voice whose sentences all fail the alignment check this often: error
+VOICE_DONE = "voice.json"  # written in a voice's folder once all its utterances are written
+TEXT_MODES = ("shared", "per-voice")
+
+
+def _voice_sentences(voice_index: int, seed: int, text: str) -> Iterator[str]:
+    """The grammar's sentence stream a voice reads: the same for every voice (``shared``), or
+    one stream per voice (``per-voice``: seeded by the seed and the voice's position)."""
+    return iter_sentences(seed if text == "shared" else seed * 1_000_003 + voice_index + 1)
+
+
+def _synthesize_voice(voice: str, out: Path, texts: Sequence[str] | None,
+                      pool: Iterator[str] | None, target: float | None,
+                      bar: tqdm) -> tuple[list[tuple[str, ...]], int]:
+    """Write one voice's utterances into ``out/voice``; returns (transcript rows, skipped)."""
+    rows: list[tuple[str, ...]] = []
+    skipped, seconds, n, start, failed_chunks = 0, 0.0, 0, 0, 0
+    while True:
+        if pool is not None:
+            assert target is not None
+            if seconds >= target:
+                break
+            need = max(1, min(CHUNK, int(np.ceil((target - seconds)
+                                                 / SECONDS_PER_SENTENCE_GUESS))))
+            chunk = [next(pool) for _ in range(need)]
+        else:
+            assert texts is not None
+            if start >= len(texts):
+                break
+            chunk = list(texts[start:start + CHUNK])
+            start += len(chunk)
+        results = synthesize(voice, chunk)
+        speeches = [r for r in results if r is not None]
+        skipped += len(chunk) - len(speeches)
+        failed_chunks = 0 if speeches else failed_chunks + 1
+        if failed_chunks >= MAX_FAILED_CHUNKS:
+            raise SynthError(f"voice {voice}: none of {failed_chunks * len(chunk)} sentences in "
+                             "a row passed the alignment check (its segment times do not match "
+                             "its audio)")
+        for speech in speeches:
+            if target is not None and seconds >= target:
+                break
+            n += 1
+            utt_id = f"{voice}_{n:05d}"
+            audio_path = write_utterance(speech, out / voice, utt_id)
+            _check_written(audio_path)
+            dur = speech.audio.shape[0] / SAMPLE_RATE
+            seconds += dur
+            rows.append((f"{voice}/{utt_id}", voice, f"{dur:.3f}", speech.text))
+            bar.update(dur if target is not None else 1)
+        if pool is None:
+            bar.update(len(chunk) - len(speeches))
+    return rows, skipped
 
 
 def synthesize_corpus(
@@ -449,99 +544,96 @@ def synthesize_corpus(
     sentences: Sequence[str] | str | Path | None = None,
     minutes: float | None = None,
     seed: int = 0,
+    text: str = "shared",
     progress: bool = True,
 ) -> Path:
     """Synthesize an aligned corpus into ``out_dir``; returns ``out_dir``.
 
+    ``voices``: names, or ``NAME@SPEED`` for a speed-perturbed variant (:func:`change_speed`).
     ``sentences`` (a list or a text file, one per line): every voice reads every sentence.
-    ``minutes``: about that much speech in total, split evenly over the voices; every voice reads
-    the same stream of sentences from the built-in grammar (seeded by ``seed``) until its share is
-    reached, so word types repeat across voices.
+    ``minutes``: about that much speech in total, split evenly over the voices, from the
+    built-in grammar (seeded by ``seed``): every voice reads the same stream (``text="shared"``,
+    so word types repeat across voices) or a stream of its own (``"per-voice"``).
+
+    Resumable: a voice whose folder holds a finished ``voice.json`` for the same request is kept
+    as it is, so an interrupted command continues with the next voice, and a finished corpus is
+    a cache. A voice that fails to synthesize (e.g. its package is missing) is skipped with a
+    warning naming it and recorded in ``synth.json``; only if every voice fails is it an error.
     """
     out = Path(out_dir)
     if not voices:
         raise ValueError("--voices: at least one voice is needed")
-    unknown = [v for v in voices if v not in VOICES]
-    if unknown:
-        raise ValueError(f"--voices: unknown voice(s) {unknown}; choose from {sorted(VOICES)}")
+    for v in voices:
+        parse_voice(v)
     if len(set(voices)) != len(voices):
         raise ValueError(f"--voices: duplicates in {list(voices)}")
     if (sentences is None) == (minutes is None):
         raise ValueError("give exactly one of --sentences and --minutes")
     if minutes is not None and minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {minutes}")
-    for v in voices:
-        _require("festival")
-        if VOICES[v].engine == "flite":
-            _require("flite")
+    if text not in TEXT_MODES:
+        raise ValueError(f"--text must be one of {list(TEXT_MODES)}, got {text!r}")
+    _require("festival")  # every voice needs it (flite voices: for the word analysis)
     if isinstance(sentences, str | Path):
         sentence_list: list[str] | None = read_sentences(sentences)
     else:
         sentence_list = list(sentences) if sentences is not None else None
     out.mkdir(parents=True, exist_ok=True)
     target = None if minutes is None else minutes * 60.0 / len(voices)
-    total = target * len(voices) if target else None
-    bar = tqdm(total=int(np.ceil(total)) if total else len(sentence_list or []) * len(voices),
-               unit="s" if total else "utt", desc="synthesizing", disable=not progress)
-    done = 0.0
-    rows = []
+    bar = tqdm(total=round(target * len(voices)) if target else
+               len(sentence_list or []) * len(voices),
+               unit="s" if target else "utt", desc="synthesizing", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
+    rows: list[tuple[str, ...]] = []
     skipped = 0
-    for voice in voices:
-        texts = sentence_list if sentence_list is not None else []
-        pool = iter_sentences(seed) if target else None
-        seconds, n, start = 0.0, 0, 0
-        while True:
-            if pool is not None:
-                assert target is not None
-                if seconds >= target:
-                    break
-                need = max(1, min(CHUNK, int(np.ceil((target - seconds)
-                                                     / SECONDS_PER_SENTENCE_GUESS))))
-                chunk = [next(pool) for _ in range(need)]
-            else:
-                if start >= len(texts):
-                    break
-                chunk = texts[start:start + CHUNK]
-                start += len(chunk)
-            results = synthesize(voice, chunk)
-            speeches = [r for r in results if r is not None]
-            skipped += len(chunk) - len(speeches)
-            for speech in speeches:
-                if pool is not None and target is not None and seconds >= target:
-                    break
-                n += 1
-                utt_id = f"{voice}_{n:05d}"
-                audio_path = write_utterance(speech, out / voice, utt_id)
-                _check_written(audio_path)
-                dur = speech.audio.shape[0] / SAMPLE_RATE
-                seconds += dur
-                rows.append((f"{voice}/{utt_id}", voice, f"{dur:.3f}", speech.text))
-                if total:  # whole seconds of speech, never past the total
-                    step = min(int(done + dur), int(bar.total)) - min(int(done), int(bar.total))
-                    done += dur
-                    bar.update(step)
-                else:
-                    bar.update(1)
-            if pool is None:
-                bar.update(len(chunk) - len(speeches))
+    failed: dict[str, str] = {}
+    for k, voice in enumerate(voices):
+        request = {"voice": voice, "seed": seed, "text": text, "target_seconds": target,
+                   "sentences": sentence_list}
+        done = out / voice / VOICE_DONE
+        if done.is_file():
+            record = json.loads(done.read_text(encoding="utf-8"))
+            if record.get("request") == request:
+                rows += [tuple(r) for r in record["rows"]]
+                skipped += int(record["skipped"])
+                bar.update(sum(float(r[2]) for r in record["rows"]) if target
+                           else len(sentence_list or []))
+                continue
+        pool = _voice_sentences(k, seed, text) if target else None
+        try:
+            voice_rows, voice_skipped = _synthesize_voice(voice, out, sentence_list, pool,
+                                                          target, bar)
+        except SynthError as err:
+            failed[voice] = str(err)
+            warnings.warn(f"voice {voice} failed to synthesize and is skipped: {err}",
+                          SynthWarning, stacklevel=2)
+            continue
+        atomic_write_bytes(done, (json.dumps({"request": request, "rows": voice_rows,
+                                              "skipped": voice_skipped}) + "\n").encode())
+        rows += voice_rows
+        skipped += voice_skipped
     bar.close()
+    if not rows:
+        raise SynthError(f"{out}: no utterance was synthesized"
+                         + (f" (failed voices: {'; '.join(failed.values())})" if failed else ""))
     transcript = "id\tvoice\tseconds\ttext\n" + "".join("\t".join(r) + "\n" for r in rows)
     atomic_write_bytes(out / "transcripts.tsv", transcript.encode("utf-8"))
     meta = {"generator": "layerprobe synth", "voices": list(voices), "seed": seed,
-            "minutes": minutes, "sentences": None if sentence_list is None else len(sentence_list),
-            "utterances": len(rows), "skipped_sentences": skipped,
+            "minutes": minutes, "text": text,
+            "sentences": None if sentence_list is None else len(sentence_list),
+            "utterances": len(rows), "skipped_sentences": skipped, "failed_voices": failed,
             "seconds": round(sum(float(r[2]) for r in rows), 3), "sample_rate": SAMPLE_RATE,
-            "command": _command(voices, sentences, minutes, seed)}
+            "command": _command(voices, sentences, minutes, seed, text)}
     atomic_write_bytes(out / "synth.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-    if not rows:
-        raise SynthError(f"{out}: no utterance was synthesized")
     return out
 
 
-def _command(voices: Sequence[str], sentences: object, minutes: float | None, seed: int) -> str:
+def _command(voices: Sequence[str], sentences: object, minutes: float | None, seed: int,
+             text: str) -> str:
     src = f"--minutes {minutes:g}" if minutes is not None else (
         f"--sentences {sentences}" if isinstance(sentences, str | Path) else "--sentences (list)")
-    return f"layerprobe synth --out DIR --voices {' '.join(voices)} {src} --seed {seed}"
+    extra = f" --text {text}" if text != "shared" else ""
+    return f"layerprobe synth --out DIR --voices {' '.join(voices)} {src} --seed {seed}{extra}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,16 +643,19 @@ def _command(voices: Sequence[str], sentences: object, minutes: float | None, se
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``layerprobe synth``."""
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES),
-                        choices=sorted(VOICES), metavar="VOICE",
+    parser.add_argument("--voices", nargs="+", default=list(DEFAULT_VOICES), metavar="VOICE",
                         help=f"voices (default: {' '.join(DEFAULT_VOICES)}; "
-                             f"available: {', '.join(VOICES)})")
+                             f"available: {', '.join(VOICES)}); NAME@SPEED for a "
+                             "speed-perturbed variant, e.g. flite_rms@1.1")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--sentences", type=Path, help="text file, one sentence per line "
                                                     "(every voice reads all of them)")
     src.add_argument("--minutes", type=float, help="total minutes of speech from the built-in "
                                                    "sentence grammar, split over the voices")
     parser.add_argument("--seed", type=int, default=0, help="sentence grammar seed (default 0)")
+    parser.add_argument("--text", choices=TEXT_MODES, default="shared",
+                        help="with --minutes: every voice reads the same sentences (shared, the "
+                        "default) or its own (per-voice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -568,7 +663,7 @@ def run_synth(args: argparse.Namespace) -> int:
     """``layerprobe synth``: returns the exit status (errors printed to stderr)."""
     try:
         out = synthesize_corpus(args.out, voices=args.voices, sentences=args.sentences,
-                                minutes=args.minutes, seed=args.seed,
+                                minutes=args.minutes, seed=args.seed, text=args.text,
                                 progress=not args.no_progress)
     except (SynthError, ValueError) as err:
         print(f"layerprobe synth: error: {err}", file=sys.stderr)
@@ -576,5 +671,7 @@ def run_synth(args: argparse.Namespace) -> int:
     meta = json.loads((out / "synth.json").read_text(encoding="utf-8"))
     print(f"wrote {meta['utterances']} utterances ({meta['seconds'] / 60:.2f} min) to {out}"
           + (f"; {meta['skipped_sentences']} sentence(s) skipped" if meta["skipped_sentences"]
+             else "")
+          + (f"; voice(s) skipped: {', '.join(meta['failed_voices'])}" if meta["failed_voices"]
              else ""))
     return 0

@@ -97,15 +97,42 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
+    parser.add_argument("--config", default="study",
+                        help="pretraining config of every run (default: the bundled study.toml)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy scale (configs/study_smoke.toml): the machinery in minutes")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per schedule")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="N of uniform, progressive and progressive-cluster (original: 2)")
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    parser.add_argument("--figures", help="also write summary.json and the figures here "
+                        "(e.g. figures/study)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from pretraining.study import run_study, study_plan
+
+    plan = study_plan(args.config, smoke=args.smoke, seeds=args.seeds,
+                      iterations=args.iterations, schedules=args.schedules)
+    run_study(plan, args.out, figures=args.figures, progress=not args.no_progress)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretraining", description=__doc__)
     add_pretrain_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_pretrain(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from layerprobe.config import check_types, read_toml
 from layerprobe.kmeans import KMeansConfig as LayerprobeKMeansConfig
 
 SCHEDULES = ("original", "uniform", "progressive", "progressive-cluster")
-PRESETS = ("tiny", "base")
+PRESETS = ("tiny", "small", "base")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     log_every: int = 10
     save_every: int = 500  # steps between resume states (always saved at the end of an iteration)
+    max_bad_steps: int = 20  # non-finite steps in a row (updates skipped) before the run stops
+    max_oom_batches: int = 5  # out-of-memory batches in a row (skipped) before the run stops
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_seconds <= 0 or self.grad_accum < 1:
@@ -84,6 +86,8 @@ class TrainConfig:
                              f"{self.warmup_fraction}")
         if self.save_every < 1 or self.log_every < 1:
             raise ValueError("[train] save_every and log_every must be >= 1")
+        if self.max_bad_steps < 1 or self.max_oom_batches < 1:
+            raise ValueError("[train] max_bad_steps and max_oom_batches must be >= 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError("[train] device must be auto, cpu, cuda or cuda:N, got "
                              f"{self.device!r}")
@@ -130,10 +134,14 @@ class ProfileConfig:
     # seeds (README, "Which metric the profile uses"); add "pwcca" to compare with published numbers
     metrics: tuple[str, ...] = ("pwcca-centred",)
     max_utterances: int = 0  # 0: as the analysis config says
+    every_steps: int = 0  # also save and profile a checkpoint every N steps (learning curves)
+    teacher_quality: bool = True  # phone purity / PNMI of each iteration's targets on the corpus
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "probes", tuple(self.probes))
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        if self.every_steps < 0:
+            raise ValueError(f"[profile] every_steps must be >= 0, got {self.every_steps}")
 
 
 _SECTIONS: dict[str, type] = {

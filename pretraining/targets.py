@@ -30,6 +30,7 @@ import torch
 import torchaudio
 
 from layerprobe.atomic import atomic_torch_save
+from layerprobe.fault_points import fault_point
 from layerprobe.kmeans import kmeans_fit, kmeans_predict
 from pretraining.config import KMeansConfig
 from pretraining.model import num_frames, receptive_field
@@ -145,22 +146,28 @@ class Labels:
     labels: dict[str, torch.Tensor]  # utterance id → [n_frames] int64
     centroids: torch.Tensor  # [clusters, d]
     skipped: tuple[str, ...] = ()  # utterances whose audio could not be read (no labels)
+    seconds: float = 0.0  # how long the label stage took
 
     def to_payload(self) -> dict:
         return {"format": LABELS_FORMAT, "iteration": self.iteration, "source": self.source,
                 "layer": self.layer, "clusters": self.clusters, "centroids": self.centroids,
                 "labels": {k: v.to(torch.int32) for k, v in self.labels.items()},
-                "skipped": list(self.skipped)}
+                "skipped": list(self.skipped), "seconds": self.seconds}
 
     @classmethod
     def load(cls, path: str | Path) -> Labels:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        from pretraining.storage import UnreadableFile, read_torch
+
+        remedy = "delete it (and the iteration's label_stage.json) and --resume to redo the " \
+                 "label stage"
+        payload = read_torch(path, "labels file", remedy)
         if not isinstance(payload, dict) or payload.get("format") != LABELS_FORMAT:
-            raise ValueError(f"{path}: not a {LABELS_FORMAT} file")
+            raise UnreadableFile(f"{path}: not a {LABELS_FORMAT} file; {remedy}")
         return cls(iteration=payload["iteration"], source=payload["source"],
                    layer=payload["layer"], clusters=payload["clusters"],
                    labels={k: v.long() for k, v in payload["labels"].items()},
-                   centroids=payload["centroids"], skipped=tuple(payload.get("skipped", ())))
+                   centroids=payload["centroids"], skipped=tuple(payload.get("skipped", ())),
+                   seconds=float(payload.get("seconds", 0.0)))
 
     def save(self, path: str | Path) -> Path:
         return atomic_torch_save(self.to_payload(), path)
@@ -198,6 +205,7 @@ def utterance_features(indices: Sequence[int], load: Callable[[int], torch.Tenso
     items = readable(indices, load, utterance_ids, skipped)
     if extractor is None:
         for i, wave in items:
+            fault_point("labels-features")
             yield i, mfcc_frame_features(wave, model_args)
         return
     lengths: dict[int, int] = {}
@@ -215,6 +223,29 @@ def utterance_features(indices: Sequence[int], load: Callable[[int], torch.Tenso
         yield i, feats
 
 
+def target_extractor(iteration: Iteration, previous_ckpt: str | Path | None,
+                     config: KMeansConfig, device: str | torch.device) -> LayerFeatures | None:
+    """The layer-feature extractor of an iteration with layer targets (None for MFCC)."""
+    if iteration.source != "layer":
+        return None
+    if previous_ckpt is None:
+        raise ValueError(f"iteration {iteration.index}: layer targets need a previous checkpoint")
+    return LayerFeatures(previous_ckpt, int(iteration.layer), device=device,
+                         max_chunk_seconds=config.max_chunk_seconds)
+
+
+def label_utterances(indices: Sequence[int], load: Callable[[int], torch.Tensor],
+                     utterance_ids: Sequence[str], model_args: dict[str, Any],
+                     extractor: LayerFeatures | None, centroids: torch.Tensor,
+                     config: KMeansConfig, skipped: list[str]
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, [num_frames(n_i)] int64 cluster ids)`` of the readable utterances of ``indices``:
+    an iteration's targets for any audio (its features, nearest centroid)."""
+    for i, feats in utterance_features(indices, load, utterance_ids, model_args, extractor,
+                                       skipped):
+        yield i, nearest_centroid(feats, centroids, memory_mb=config.memory_mb)
+
+
 def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Tensor],
                    iteration: Iteration, model_args: dict[str, Any], config: KMeansConfig, *,
                    previous_ckpt: str | Path | None, seed: int, device: str | torch.device = "cpu",
@@ -225,19 +256,14 @@ def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Ten
     are those of the model that will be trained (they fix the frame count); ``previous_ckpt`` is
     needed for layer targets.
     """
-    extractor = None
-    if iteration.source == "layer":
-        if previous_ckpt is None:
-            raise ValueError(f"iteration {iteration.index}: layer targets need a previous "
-                             "checkpoint")
-        extractor = LayerFeatures(previous_ckpt, int(iteration.layer), device=device,
-                                  max_chunk_seconds=config.max_chunk_seconds)
+    extractor = target_extractor(iteration, previous_ckpt, config, device)
     skipped: list[str] = []
     subset = fit_subset(len(utterance_ids), iteration.kmeans_fraction, seed)
     feats = dict(utterance_features(subset, load, utterance_ids, model_args, extractor,
                                     skipped))
     if not feats:
         raise ValueError(f"iteration {iteration.index}: no readable utterance to fit k-means on")
+    fault_point("labels-kmeans")
     fit_data = torch.cat([feats[i] for i in subset if i in feats])
     log(f"iteration {iteration.index}: k-means with {iteration.clusters} clusters on "
         f"{fit_data.shape[0]} frames of {iteration.target_name} ({len(feats)} utterances)")
@@ -246,8 +272,10 @@ def compute_labels(utterance_ids: Sequence[str], load: Callable[[int], torch.Ten
               for i, f in feats.items()}
     fitted = set(subset)
     rest = [i for i in range(len(utterance_ids)) if i not in fitted]
-    for i, f in utterance_features(rest, load, utterance_ids, model_args, extractor, skipped):
-        labels[utterance_ids[i]] = nearest_centroid(f, centroids, memory_mb=config.memory_mb)
+    for i, ids in label_utterances(rest, load, utterance_ids, model_args, extractor, centroids,
+                                   config, skipped):
+        fault_point("labels-assign")
+        labels[utterance_ids[i]] = ids
     if skipped:
         log(f"iteration {iteration.index}: {len(skipped)} unreadable utterance(s) skipped, "
             f"e.g. {skipped[0]!r}")

@@ -36,8 +36,10 @@ from tqdm import tqdm
 
 from layerprobe.atomic import atomic_torch_save
 from layerprobe.distributed import Dist
+from layerprobe.fault_points import fault_point
 from pretraining.config import TrainConfig
 from pretraining.data import Batch, BatchStream, Prefetcher
+from pretraining.faults import StepGuard
 from pretraining.model import PretrainStep, clip_grad_norm, layer_keep, span_mask
 
 STATE_FORMAT = "pretraining-state-v1"
@@ -140,6 +142,8 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
                     config: TrainConfig, device: torch.device, state_path: Path,
                     resume: dict[str, Any] | None = None, dist_info: Dist = Dist(),
                     extra_state: dict[str, Any] | None = None, stop_at_step: int | None = None,
+                    snapshot_every: int = 0,
+                    on_snapshot: Callable[[int, dict[str, Any]], None] | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps; returns the last logged stats.
 
@@ -147,6 +151,9 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
     step. ``resume`` (a state of the same iteration) restores model, optimizer, scheduler, RNG
     and data position. ``stop_at_step`` returns early after that step's state is saved (used to
     test kill-and-resume). ``extra_state`` is stored verbatim in every state.
+    ``on_snapshot(step, last_stats)`` is called on the main rank after every ``snapshot_every``-th
+    step before the last (e.g. to save a checkpoint for a learning curve); it changes nothing
+    in the training.
     """
     model.to(device).train()
     mask_prob, mask_length = check_mask_settings(model)
@@ -160,6 +167,11 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        # the config's lr and warmup, which a resume may change (e.g. after a divergence)
+        sched.base_lrs = [config.lr] * len(opt.param_groups)
+        for group in opt.param_groups:
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * sched.lr_lambdas[0](sched.last_epoch)
         step = int(resume["step"])
         stream.epoch, stream.position = resume["data"][dist_info.rank]["epoch"], \
             resume["data"][dist_info.rank]["position"]
@@ -185,7 +197,7 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
                dynamic_ncols=True, leave=True)
     stats: dict[str, Any] = {}
     sums = torch.zeros(4, device=device)  # loss, ce_masked, acc_masked, feature_pen
-    window_micro, window_audio, window_start, skipped = 0, 0.0, time.perf_counter(), 0
+    window_audio, window_start, skipped = 0.0, time.perf_counter(), 0
 
     def micro_steps(micro_batches: list[Batch]) -> torch.Tensor:
         out = torch.zeros(4, device=device)
@@ -203,52 +215,73 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
             out += torch.stack([loss.detach().float(), ce.float(), acc.float(), pen.float()])
         return out
 
+    guard = StepGuard(opt, device, iteration=iteration, state_path=state_path,
+                      max_bad_steps=config.max_bad_steps, max_oom_batches=config.max_oom_batches,
+                      dist_info=dist_info)
+    if resume is not None:
+        guard.saved_step = step
+    good_micro = torch.zeros((), device=device)  # micro-batches of finite steps in the window
+
+    def forward_backward(micro_batches: list[Batch]) -> torch.Tensor:
+        """The step's forward and backward passes (eager again if the compiled ones fail)."""
+        if not step_module.compiled:
+            return micro_steps(micro_batches)
+        try:
+            return micro_steps(micro_batches)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # any compile/runtime error of the compiled path
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: "
+                          f"{str(err)[:300]}); training in eager mode", stacklevel=2)
+            step_module.use_eager()
+            opt.zero_grad(set_to_none=True)
+            return micro_steps(micro_batches)
+
     try:
         while step < steps:
             opt.zero_grad(set_to_none=True)
             micro_batches = [next(batches) for _ in range(config.grad_accum)]
-            if step_module.compiled:
-                try:
-                    step_sums = micro_steps(micro_batches)
-                except Exception as err:  # any compile/runtime error of the compiled path
-                    warnings.warn(f"torch.compile failed ({type(err).__name__}: "
-                                  f"{str(err)[:300]}); training in eager mode", stacklevel=2)
-                    step_module.use_eager()
-                    opt.zero_grad(set_to_none=True)
-                    step_sums = micro_steps(micro_batches)
-            else:
-                step_sums = micro_steps(micro_batches)
-            sums += step_sums
-            window_micro += len(micro_batches)
+            fault_point("train-step")
+            try:
+                step_sums = forward_backward(micro_batches)
+            except torch.cuda.OutOfMemoryError as err:
+                guard.out_of_memory(step, err, config.batch_seconds)
+                del micro_batches
+                continue
+            guard.step_done()
             for batch in micro_batches:
                 window_audio += batch.seconds * dist_info.world_size
                 skipped += len(batch.skipped)
             data_state = micro_batches[-1].state_after
             grad_norm = clip_grad_norm(params, config.grad_clip)
+            ok = guard.check(grad_norm, step_sums)  # a bad step's update is skipped
+            sums += torch.where(ok, step_sums, torch.zeros_like(step_sums))
+            good_micro += ok.to(good_micro.dtype) * len(micro_batches)
             opt.step()
             sched.step()
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == steps:
-                means = (sums / window_micro).tolist()  # the host sync of the log step
+                good = float(good_micro)  # the host sync of the log step
+                means = (sums / max(good, 1.0)).tolist() if good else [math.nan] * 4
                 elapsed = time.perf_counter() - window_start
                 stats = dict(zip(("loss", "ce_masked", "acc_masked", "feature_pen"), means,
                                  strict=True))
                 stats.update(step=step, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                              audio_per_s=window_audio / max(elapsed, 1e-9),
-                             skipped_utterances=skipped)
-                if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(f"iteration {iteration} step {step}: "
-                                             f"loss is {stats['loss']}")
+                             skipped_utterances=skipped, **guard.review(step))
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc_masked']:.3f}",
                                 audio_s_per_s=f"{stats['audio_per_s']:.1f}")
                 if dist_info.main:
                     write = tqdm.write if log is print else log
                     write(f"it{iteration} step {step}/{steps} loss {stats['loss']:.4f} "
                           f"acc_masked {stats['acc_masked']:.3f} lr {stats['lr']:.2e} "
-                          f"audio {stats['audio_per_s']:.1f} s/s")
+                          f"audio {stats['audio_per_s']:.1f} s/s"
+                          + (f" skipped {stats['bad_steps']} non-finite step(s)"
+                             if stats["bad_steps"] else ""))
                 sums.zero_()
-                window_micro, window_audio, window_start = 0, 0.0, time.perf_counter()
+                good_micro.zero_()
+                window_audio, window_start = 0.0, time.perf_counter()
             if step % config.save_every == 0 or step in (steps, stop_at_step):
                 rngs = dist_info.all_gather_object(rng_state())
                 positions = dist_info.all_gather_object(dict(data_state))
@@ -258,7 +291,11 @@ def train_iteration(model: torch.nn.Module, stream: BatchStream, *, iteration: i
                                        "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "rng": rngs,
                                        "data": positions, **(extra_state or {})}, state_path)
+                guard.saved_step = step
                 dist_info.barrier()
+            if snapshot_every and step % snapshot_every == 0 and step < steps and dist_info.main \
+                    and on_snapshot is not None:
+                on_snapshot(step, stats)
             if stop_at_step is not None and step >= stop_at_step:
                 break
     finally:

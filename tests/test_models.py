@@ -301,3 +301,20 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_input_log_mel_is_a_one_state_model_of_the_fbank_probe_features():
+    from layerprobe.features import log_mel_fbank
+
+    model = load("input:log-mel")
+    assert (model.n_layers, model.dim, model.frame_rate, model.source) == (0, 80, 50.0, "input")
+    waves = torch.randn(2, 16000) * 0.1
+    lengths = torch.tensor([16000, 9000])
+    states, frames = model.hidden_states(waves, lengths)
+    assert states.shape == (1, 2, int(frames.max()), 80)
+    assert frames.tolist() == [model.num_frames(16000), model.num_frames(9000)]
+    # frame t is the 10 ms log-mel frame 2t of the item alone (padding changes nothing)
+    alone = log_mel_fbank(waves[1, :9000])
+    assert torch.equal(states[0, 1, :int(frames[1])], alone[::2][:int(frames[1])])
+    with pytest.raises(ValueError, match="unknown input features"):
+        load("input:mfcc-99")

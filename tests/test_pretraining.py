@@ -308,8 +308,8 @@ def test_pretraining_kill_and_resume_matches_uninterrupted_run(corpus, tmp_path)
         assert _states_equal(m_full.state_dict(), m_res.state_dict())
         assert meta_full["plan"] == meta_res["plan"]
     assert m_full.logit_generator.label_embeddings.shape[0] == 12  # progressive-cluster: 8 -> 12
-    other = cfg.with_changes(train={"lr": 1e-3})
-    with pytest.raises(ValueError, match=r"\[train\] lr"):
+    other = cfg.with_changes(train={"weight_decay": 0.1})
+    with pytest.raises(ValueError, match=r"\[train\] weight_decay"):
         run_pretraining(other, tmp_path / "killed", resume=True, log=lambda _: None)
 
 

@@ -138,3 +138,51 @@ def test_sentence_grammar_deterministic() -> None:
     assert a == generate_sentences(50, 7) and a != generate_sentences(50, 8)
     vocab = {w.strip(".,").lower() for s in a for w in s.split()}
     assert len(vocab) < 220 and all(s[0].isupper() and s.endswith(".") for s in a)
+
+
+def test_speed_variant_scales_audio_and_times_together() -> None:
+    from layerprobe.synth import AlignedSpeech, change_speed, parse_voice
+
+    audio = np.sin(np.arange(16000) * 0.05).astype(np.float32)
+    speech = AlignedSpeech("hi", audio, (("hi", 0.1, 0.9),), (("HH", 0.1, 0.4), ("AY1", 0.4, 0.9)),
+                           1.0)
+    fast = change_speed(speech, 1.25)
+    assert fast.audio.shape[0] == pytest.approx(16000 / 1.25, abs=1)
+    assert fast.words == (("hi", 0.08, 0.72),)
+    assert fast.phones[1] == ("AY1", pytest.approx(0.32), pytest.approx(0.72))
+    assert fast.segment_end == pytest.approx(0.8)
+    assert change_speed(speech, 1.0) is speech
+    assert parse_voice("flite_rms@0.9")[1] == 0.9 and parse_voice("kal_diphone")[1] == 1.0
+    for bad, message in (("flite_rms@fast", "not a number"), ("flite_rms@3", "must lie in"),
+                         ("nobody@1.1", "unknown voice")):
+        with pytest.raises(ValueError, match=message):
+            parse_voice(bad)
+
+
+@needs_festival
+def test_a_failing_voice_is_skipped_with_a_warning_and_a_rerun_reuses_finished_voices(
+        tmp_path: Path, monkeypatch) -> None:
+    import layerprobe.synth as synth
+
+    real = synth.synthesize
+
+    def broken(voice, sentences):
+        if voice.startswith("flite_rms"):
+            raise synth.SynthError("flite voice flite_rms failed: simulated")
+        return real(voice, sentences)
+
+    monkeypatch.setattr(synth, "synthesize", broken)
+    with pytest.warns(synth.SynthWarning, match="voice flite_rms@1.1 failed to synthesize"):
+        out = synthesize_corpus(tmp_path / "c", voices=["kal_diphone@0.9", "flite_rms@1.1"],
+                                minutes=0.1, seed=2, progress=False)
+    meta = json.loads((out / "synth.json").read_text())
+    assert list(meta["failed_voices"]) == ["flite_rms@1.1"] and meta["utterances"] > 0
+    first = digest(out / "kal_diphone@0.9")
+    calls = []
+    monkeypatch.setattr(synth, "synthesize", lambda v, s: calls.append(v) or real(v, s))
+    synthesize_corpus(tmp_path / "c", voices=["kal_diphone@0.9", "flite_rms@1.1"], minutes=0.1,
+                      seed=2, progress=False)
+    assert calls and set(calls) == {"flite_rms@1.1"}  # the finished voice was not redone
+    assert digest(out / "kal_diphone@0.9") == first
+    assert json.loads((out / "synth.json").read_text())["failed_voices"] == {}
+    load_corpus(out, strict=True)

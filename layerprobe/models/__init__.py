@@ -4,7 +4,8 @@
 
 * a checkpoint written by ``pretraining/`` (``{"format": "layerprobe-hubert-v1", ...}``);
 * a fairseq HuBERT / wav2vec 2.0 checkpoint (``model`` + ``cfg`` or ``args``), read without fairseq;
-* a Hugging Face model folder or hub id (HuBERT, wav2vec2, WavLM, data2vec-audio).
+* a Hugging Face model folder or hub id (HuBERT, wav2vec2, WavLM, data2vec-audio);
+* ``input:log-mel``: the input features themselves, one state (:mod:`.input_features`).
 
 Every source follows the layer convention of :mod:`layerprobe.models.base`: state 0 is the
 input of the first transformer block, state i the output of block i.
@@ -22,6 +23,8 @@ from . import safe_pickle
 from .base import ConvStack, LayerModel, resolve_device
 from .fairseq import fairseq_layer_model, is_fairseq_payload
 from .huggingface import huggingface_layer_model
+from .input_features import PREFIX as INPUT_PREFIX
+from .input_features import input_layer_model
 from .native import FORMAT, native_layer_model, save_native_checkpoint
 
 __all__ = ["FORMAT", "ConvStack", "LayerModel", "load", "load_checkpoint", "resolve_device",
@@ -84,7 +87,9 @@ def load(spec: str | Path, *, device: str | torch.device = "cpu",
         if not pretrained.is_file():
             raise FileNotFoundError(f"fairseq pretrained checkpoint not found: {pretrained}")
     path = Path(spec).expanduser()
-    if path.is_file():
+    if isinstance(spec, str) and spec.startswith(INPUT_PREFIX) and not path.exists():
+        model = input_layer_model(spec)
+    elif path.is_file():
         model = _checkpoint_model(path, pretrained)
     elif path.is_dir():
         model = huggingface_layer_model(path)

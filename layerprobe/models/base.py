@@ -181,8 +181,9 @@ class LayerModel(nn.Module):
                  batch_invariant: bool = True, normalize_waveform: bool = False,
                  normalize_eps: float = HF_NORMALIZE_EPS) -> None:
         super().__init__()
-        if n_layers < 1 or dim < 1:
-            raise ValueError(f"model {name!r}: n_layers={n_layers} and dim={dim} must be >= 1")
+        if n_layers < 0 or dim < 1:
+            raise ValueError(f"model {name!r}: n_layers={n_layers} must be >= 0 and dim={dim} "
+                             ">= 1")
         self.name = name
         self.source = source
         self.n_layers = n_layers

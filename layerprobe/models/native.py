@@ -56,6 +56,8 @@ def _model_args(value: Any, path: Path) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"{path}: 'model_args' must be a dict, got {type(value).__name__}")
     args = dict(value)
+    if args.get("feature_grad_mult") == 1.0:  # no scaling; torchaudio takes None for it
+        args["feature_grad_mult"] = None
     conv = args.get("extractor_conv_layer_config")
     if conv is not None:
         args["extractor_conv_layer_config"] = [tuple(int(v) for v in layer) for layer in conv]
