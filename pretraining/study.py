@@ -115,7 +115,8 @@ def run_all(plan: StudyPlan, out: Path, *, log: Callable[[str], None] = print) -
     """Every run of the plan, in order; a finished run is kept, an interrupted one resumed."""
     from pretraining.run import run_pretraining
 
-    runs = list(itertools.product(plan.schedules, plan.seeds))
+    # seed by seed: an interrupted study has every schedule at the same number of seeds
+    runs = [(schedule, seed) for seed in plan.seeds for schedule in plan.schedules]
     for k, (schedule, seed) in enumerate(runs, start=1):
         run_dir = out / schedule / f"seed{seed}"
         timing = run_dir / "time.json"
