@@ -177,7 +177,7 @@ def main() -> None:
     rss0 = peak_rss_gb()
     t0 = time.perf_counter()
     warm_up = start_warm_up(a.device) if a.warm_up else None
-    mom = Moments.empty(L, dx, dy, 10, device=a.device)
+    mom = Moments(L, dx, dy, 10, device=a.device)
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         mom.update(x[:, s:e], y[s:e], split_t[s:e])
     mom.flush()

@@ -71,7 +71,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -463,24 +463,23 @@ def _orthonormal_products_skipping_dependent(ddt: torch.Tensor, dat: torch.Tenso
     ``tol`` × its norm² (dependent on the earlier ones) gets a zero row instead of failing.
     Equal to the Cholesky route when the variates are independent.
 
-    The first dependent variate is replaced by a unit vector orthogonal to all others (its Gram
-    row and column zeroed, diagonal 1), which leaves every other variate's orthogonalisation
-    unchanged, and the Cholesky factorisation is redone; at most k times."""
-    ddt, dat = ddt.clone(), dat.clone()
+    One left-looking Cholesky pass, column by column: a dependent variate's column is left at
+    the unit vector (its Gram row and column treated as zero, its diagonal as 1), which leaves
+    every other variate's orthogonalisation unchanged. (It replaced refactoring the whole
+    matrix after each dependent variate: up to k factorisations, 134 of the 395 s a word probe's
+    fits took for 13 layers of 768-d against 500 words.)"""
     k = ddt.shape[0]
-    norms = ddt.diagonal().clone()
+    chol = torch.zeros_like(ddt)
+    norms = ddt.diagonal()
     skipped = torch.zeros(k, dtype=torch.bool, device=ddt.device)
-    for _ in range(k + 1):
-        chol, info = torch.linalg.cholesky_ex(ddt)
-        valid = int(info) - 1 if int(info) > 0 else k  # pivots before a failure are valid
-        pivots = chol.diagonal()[:valid] ** 2
-        weak = torch.nonzero((pivots <= tol * norms[:valid]) & ~skipped[:valid]).flatten()
-        if weak.numel() == 0 and valid == k:
-            break
-        drop = int(weak[0]) if weak.numel() else valid
-        ddt[drop, :], ddt[:, drop], dat[drop] = 0, 0, 0
-        ddt[drop, drop] = 1
-        skipped[drop] = True
+    for j in range(k):
+        column = ddt[j:, j] - chol[j:, :j] @ chol[j, :j]
+        if not bool(column[0] > tol * norms[j]):
+            chol[j, :j] = 0
+            chol[j, j] = 1
+            skipped[j] = True
+            continue
+        chol[j:, j] = column / column[0].sqrt()
     z = torch.linalg.solve_triangular(chol, dat, upper=False)
     z[skipped] = 0
     return z
@@ -604,7 +603,7 @@ def cca_similarity(x, y, *, eps=(0.0, 0.0), fit=None, metric: str = "pwcca",
     if nf <= max(dx, dy):
         raise ValueError(f"cca: the fit set has {nf} items but {dx} + {dy} dimensions; "
                          f"need more items than dimensions in each view")
-    mom = Moments.empty(L, dx, dy, 1 if fit is None else 2, device=device)
+    mom = Moments(L, dx, dy, 1 if fit is None else 2, device=device)
     if fit is None:
         mom.update(xs.to(torch.float64), ys.to(torch.float64), 0)
     else:
@@ -844,7 +843,7 @@ def _warm_up(device: torch.device) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 2000, 96, generator=gen, dtype=torch.float64)
     y = torch.randn(2000, 40, generator=gen, dtype=torch.float64) + x[0, :, :40]
-    mom = Moments.empty(2, 96, 40, 10, device=device)
+    mom = Moments(2, 96, 40, 10, device=device)
     mom.update(x, y, torch.arange(2000) % 10)
     cca_score_metrics(mom, list(FIT_SHARING_METRICS), n_trials=1, device=device)
 
@@ -900,13 +899,14 @@ def cca_score_moments(moments: Moments, *, n_trials: int = 3, eps_grid=EPS_GRID,
 
 def cca_score_metrics(moments: Moments, metrics: Sequence[str], *, n_trials: int = 3,
                       eps_grid=EPS_GRID, seed: int = 0, device=None, n_pairs: int = N_PAIRS,
-                      n_splits: int | None = None, n_seeds: int = 1
+                      n_splits: int | None = None, n_seeds: int = 1,
+                      on_trial: Callable[[], None] | None = None
                       ) -> dict[str, CCAResult | ValueError]:
     """:func:`cca_score_moments` for several metrics at once: ``pwcca``, ``pwcca-centred`` and
     ``mean-cca`` share each trial's fits (the same projections; only the scoring differs), so
     the fits are computed once, and each metric's scores equal its own run's. A metric that
     cannot be scored maps to its ``ValueError``; an error common to all (bad arguments, too few
-    items) is raised."""
+    items) is raised. ``on_trial`` is called after each (split seed, trial), e.g. for progress."""
     metrics = list(dict.fromkeys(metrics))
     for metric in metrics:
         if metric not in METRICS:
@@ -935,7 +935,7 @@ def cca_score_metrics(moments: Moments, metrics: Sequence[str], *, n_trials: int
         for index in range(n_seeds):
             groups = shard_groups(moments.n_splits, n_splits, index, seed)
             for m, run in _protocol(moments, groups, n_trials, eps_grid, seed + index, metrics,
-                                    device, n_pairs, nulls).items():
+                                    device, n_pairs, nulls, on_trial).items():
                 runs[m].append(run)
     return {m: _combine_seeds(m, runs[m], per_dim, seed, moments.n_layers) for m in metrics}
 
@@ -987,7 +987,8 @@ def _null_directions(moments: Moments, device) -> tuple | None:
 
 
 def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, seed,
-              metrics: list[str], device, n_pairs, nulls: tuple | None = None
+              metrics: list[str], device, n_pairs, nulls: tuple | None = None,
+              on_trial: Callable[[], None] | None = None
               ) -> dict[str, CCAResult | ValueError]:
     """One split seed's trials for every metric (fit-based metrics share the fits)."""
     S, L = len(groups), moments.n_layers
@@ -1043,6 +1044,8 @@ def _protocol(moments: Moments, groups: list[list[int]], n_trials, eps_grid, see
                     continue
                 rec = {"dev": dev_s, "test": test_s, **rec}
                 (trials[m] if rec.pop("ok") else skipped[m])[layer].append(rec)
+        if on_trial is not None:
+            on_trial()
     return {m: _protocol_result(m, trials[m], skipped[m], n_trials, eps_grid, n_pairs, seed,
                                 counts, moments.n_splits, S) for m in metrics}
 
@@ -1100,7 +1103,7 @@ def cca_score(x, y, *, labels=None, n_splits: int = 10, n_trials: int = 3, eps_g
     if split.shape != (n,):
         raise ValueError(f"cca_score: split must be [{n}], got {tuple(split.shape)}")
     n_shards = n_splits * shards_per_split
-    mom = Moments.empty(L, dx, ys.shape[1], n_shards, device=device, buffer_rows=chunk_rows)
+    mom = Moments(L, dx, ys.shape[1], n_shards, device=device, buffer_rows=chunk_rows)
     if split.numel() and (int(split.min()) < 0 or int(split.max()) >= n_shards):
         raise ValueError(f"cca_score: split ids must lie in [0, {n_shards}), got "
                          f"[{int(split.min())}, {int(split.max())}]")

@@ -40,6 +40,10 @@ def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad utterance instead of skipping it")
     parser.add_argument("--batch-seconds", type=float, help="padded audio per forward batch")
+    parser.add_argument("--memory-gb", type=float, metavar="GB",
+                        help="memory budget of a CPU run (default: 90%% of the memory available "
+                        "now); a run that needs more accumulates the probes in turn, or stops "
+                        "at once if even one probe does not fit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for torch (default: torch's, one per core); 1 on a "
@@ -73,7 +77,8 @@ def _config_from_args(args: argparse.Namespace):
         changes["mi_backend"] = args.mi_backend
     for arg, field in (("device", "device"), ("seed", "seed"),
                        ("max_utterances", "max_utterances"), ("batch_seconds", "batch_seconds"),
-                       ("fairseq_pretrained", "fairseq_pretrained"), ("seeds", "n_seeds")):
+                       ("fairseq_pretrained", "fairseq_pretrained"), ("seeds", "n_seeds"),
+                       ("memory_gb", "memory_gb")):
         if getattr(args, arg) is not None:
             changes[field] = getattr(args, arg)
     if args.bf16:
@@ -181,6 +186,11 @@ def _label_for_file(model: str, append_to: Path | None) -> str:
     return unique_labels([*others, str(model)])[-1]
 
 
+def _say(message: str) -> None:
+    """An informational line on stderr (results and tables go to stdout)."""
+    print(f"layerprobe: {message}", file=sys.stderr, flush=True)
+
+
 def _score_all(args: argparse.Namespace, config, models: list[str], labels: list[str],
                on_model=None):
     """Score ``models`` (alone, or as one rank under torchrun); ``(None, failures)`` on
@@ -193,7 +203,7 @@ def _score_all(args: argparse.Namespace, config, models: list[str], labels: list
         with _collect_failures() as failures:
             results = score_models(models, None, config, labels=labels,
                                    progress=not args.no_progress, skip_failed=True,
-                                   on_model=on_model)
+                                   on_model=on_model, log=_say)
     finally:
         destroy_distributed(dist_info)
     if not dist_info.main:

@@ -40,6 +40,7 @@ class AnalysisConfig:
     max_chunk_seconds: float = 30.0
     device: str = "auto"
     bf16: bool = False
+    memory_gb: float = 0.0  # [model] memory budget of a CPU run; 0: 90 % of the available
     fairseq_pretrained: str = ""  # pretrained checkpoint for fairseq fine-tunes without w2v_args
 
     def __post_init__(self) -> None:
@@ -53,6 +54,9 @@ class AnalysisConfig:
         if self.phone_clusters < 0 or self.word_clusters < 0:
             raise ValueError("phone_clusters and word_clusters must be >= 0 (0: from the data), "
                              f"got {self.phone_clusters}, {self.word_clusters}")
+        if self.memory_gb < 0:
+            raise ValueError(f"memory_gb must be >= 0 (0: the memory available), got "
+                             f"{self.memory_gb}")
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
         if self.n_seeds > 1 and self.probe_config.shards_per_split < 2:
@@ -134,7 +138,8 @@ class AnalysisConfig:
         _take(dict(data.get("linear", {})), kw, {"probes": "linear_probes"}, "linear")
         _take(dict(data.get("model", {})), kw, {"batch_seconds": "batch_seconds",
                                                 "max_chunk_seconds": "max_chunk_seconds",
-                                                "device": "device", "bf16": "bf16"}, "model")
+                                                "device": "device", "bf16": "bf16",
+                                                "memory_gb": "memory_gb"}, "model")
         check_types(kw, cls, "analysis config")
         return cls(**kw)
 

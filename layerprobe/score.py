@@ -26,6 +26,7 @@ from layerprobe.distributed import Dist, init_distributed, resolve_device
 from layerprobe.extract import iter_hidden_states
 from layerprobe.labels import unique_labels
 from layerprobe.linear import linear_accuracy
+from layerprobe.memory import GB, MemoryPlan, ProbeShape, budget_from_gb, estimate, plan_passes
 from layerprobe.mi import mi_score
 from layerprobe.models import LayerModel, load
 from layerprobe.probes import Probe, UtteranceTargets, build_probes, pool_spans
@@ -159,12 +160,14 @@ def score_models(
     skip_failed: bool = False,
     dist_info: Dist | None = None,
     on_model: Callable[[list[Result]], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[Result]:
     """Score several models on exactly the same items: the corpus is read and the probes are
     built once, every model streams the same utterances (audio decoded once when it fits
     ``AUDIO_CACHE_BYTES``). ``on_model`` gets each model's results as soon as they are
     computed (in one process; under torchrun with several ranks nothing is passed before the
-    end), e.g. to save them so that an interrupted run loses no finished model.
+    end), e.g. to save them so that an interrupted run loses no finished model. ``log`` gets
+    each model's memory estimate and plan before its forward pass (:func:`memory_plan`).
 
     Under ``torchrun`` with ``W`` ranks the models are shared out whole first: model ``i`` of the
     first ``W * (n // W)`` runs on rank ``i % W`` exactly as in one process (no communication;
@@ -201,7 +204,7 @@ def score_models(
             models[i], plan, config, device, dist_info if sharded else Dist(),
             label=labels[i],
             progress=progress and dist_info.main, skip_failed=skip_failed,
-            keep_audio=i + 1 < n)
+            keep_audio=i + 1 < n, log=log if dist_info.main else None)
         if on_model is not None and world == 1:
             on_model(per_model[i])
     if world > 1 and whole:
@@ -258,31 +261,103 @@ def _targets(plan: _Plan, index: int, wave: torch.Tensor, n_frames: int, frame_r
     return plan.targets[key]
 
 
+TIMINGS = ("read", "forward", "statistics", "reduce", "cca", "mi", "linear")
+
+
+@dataclass
+class _Pass:
+    """What one pass over the corpus gathered for some probes (reduced over the ranks)."""
+
+    states: dict[str, _ProbeState]
+    n_utterances: int = 0
+    audio_seconds: float = 0.0
+    too_short: list[str] = field(default_factory=list)
+    unreadable: list[tuple[int, str]] = field(default_factory=list)
+
+
 def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config: AnalysisConfig,
                device: torch.device, dist_info: Dist, *, label: str, progress: bool,
-               skip_failed: bool, keep_audio: bool) -> list[Result]:
+               skip_failed: bool, keep_audio: bool,
+               log: Callable[[str], None] | None = None) -> list[Result]:
+    """Every probe and metric of one model: load it, fit its memory plan, stream the corpus once
+    per pass (normally one) into the probes' statistics, score them."""
     started = time.time()
     model, model_spec = _load_model(model_spec_or_model, device, config)
-    corpus = plan.corpus
-    item_metrics = {name: segment_metrics(name, probe, config)
-                    for name, probe in plan.probes.items()}
-    keep_items = any(item_metrics.values())  # MI and the linear proxy need the pooled items
+    memory = memory_plan(model, plan, config, device, log=log)
     cca_metrics = [m for m in config.metrics if m in CCA_METRICS]
+    timings = dict.fromkeys(TIMINGS, 0.0)
+    # CUDA: the fits' libraries start in the background while the forward pass runs
+    warm_up = start_warm_up(device) if cca_metrics and dist_info.main else None
+    results: list[Result] = []
+    meta: dict | None = None
+    for k, probes in enumerate(memory.passes):
+        several = len(memory.passes) > 1
+        gathered = _stream(model, plan, config, device, dist_info, probes, timings,
+                           label=label + (f" (pass {k + 1}/{len(memory.passes)})" if several
+                                          else ""),
+                           progress=progress, keep_audio=keep_audio or k + 1 < len(memory.passes),
+                           warn=k == 0)
+        if warm_up is not None:
+            tic = time.perf_counter()
+            warm_up.join()
+            timings["cca"] += time.perf_counter() - tic  # what the warm-up did not hide
+            warm_up = None
+        if not dist_info.main:
+            continue
+        if meta is None:
+            meta = _run_meta(model, plan, config, device, dist_info, gathered, memory)
+        results += _probe_results(gathered, model, plan, config, device, meta, timings,
+                                  model_spec=model_spec, label=label, started=started,
+                                  skip_failed=skip_failed, progress=progress)
+        del gathered  # the next pass's statistics take the freed memory
+    if not dist_info.main:
+        return []
+    timings = {key: round(v, 3) for key, v in timings.items()}
+    return [replace(r, meta={**r.meta, "timings": timings}) for r in results]
+
+
+def memory_plan(model: LayerModel, plan: _Plan, config: AnalysisConfig, device: torch.device,
+                *, log: Callable[[str], None] | None = None) -> MemoryPlan:
+    """The estimate of what scoring ``model`` holds in memory and the passes that fit the
+    budget (:mod:`layerprobe.memory`; CPU runs only: on CUDA the statistics live on the device),
+    passed to ``log``; a :class:`~layerprobe.memory.MemoryBudgetError` at once if it cannot
+    fit."""
+    n_states = model.n_layers + 1
+    shapes = [ProbeShape(name, probe.dy,
+                         int(probe.n_items or 0) if segment_metrics(name, probe, config) else 0)
+              for name, probe in plan.probes.items()]
+    model_bytes = sum(t.numel() * t.element_size()
+                      for t in (*model.parameters(), *model.buffers()))
+    est = estimate(n_states, model.dim, shapes, n_slots=n_moment_slots(config),
+                          compensated=config.exact_sums, packed=device.type == "cpu",
+                          model_bytes=model_bytes,
+                          frames_per_batch=int(config.batch_seconds * model.frame_rate))
+    budget = budget_from_gb(config.memory_gb) if device.type == "cpu" else None
+    chosen = plan_passes(est, budget)
+    if log is not None:
+        log(f"{model.name}: {chosen.describe()}")
+    return chosen
+
+
+def _stream(model: LayerModel, plan: _Plan, config: AnalysisConfig, device: torch.device,
+            dist_info: Dist, probes: Sequence[str], timings: dict[str, float], *, label: str,
+            progress: bool, keep_audio: bool, warn: bool) -> _Pass:
+    """One pass over this rank's blocks of the corpus: each utterance's hidden states pooled
+    into ``probes``' statistics; then the ranks' shares combined."""
+    corpus = plan.corpus
     n_layers = model.n_layers + 1
+    keep = {name: bool(segment_metrics(name, plan.probes[name], config)) for name in probes}
     # created up front: a rank that sees no items still takes part in the reduction
-    states = {name: _ProbeState(probe, Moments.empty(n_layers, model.dim, probe.dy,
-                                                      n_moment_slots(config), device=device,
-                                                      compensated=config.exact_sums))
-              for name, probe in plan.probes.items()}
-    timings = {"read": 0.0, "forward": 0.0, "statistics": 0.0, "reduce": 0.0, "cca": 0.0,
-               "mi": 0.0, "linear": 0.0}
-    too_short: list[str] = []
-    audio_seconds = 0.0
+    gathered = _Pass({name: _ProbeState(plan.probes[name],
+                                         Moments(n_layers, model.dim, plan.probes[name].dy,
+                                                 n_moment_slots(config), device=device,
+                                                 compensated=config.exact_sums))
+                      for name in probes})
     blocks = [block for b, block in enumerate(utterance_blocks(len(corpus.utterances)))
               if b % dist_info.world_size == dist_info.rank]
+    read_before, statistics_before = timings["read"], timings["statistics"]
 
     def waveforms(block: range) -> Iterator[tuple[_Extracted, torch.Tensor]]:
-        nonlocal audio_seconds
         for index in block:
             tic = time.perf_counter()
             wave = _read(plan, index, config.strict, keep_audio)
@@ -291,24 +366,24 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                 continue
             if wave.shape[-1] < model.receptive_field:
                 path = corpus.utterances[index].audio_path
-                too_short.append(str(path))
-                warnings.warn(f"{path}: {wave.shape[-1]} samples, shorter than the "
-                              f"model's receptive field ({model.receptive_field} samples): "
-                              "skipped", UserWarning, stacklevel=2)
+                gathered.too_short.append(str(path))
+                if warn:
+                    warnings.warn(f"{path}: {wave.shape[-1]} samples, shorter than the "
+                                  f"model's receptive field ({model.receptive_field} samples): "
+                                  "skipped", UserWarning, stacklevel=2)
                 continue
             n_frames = model.num_frames(int(wave.shape[-1]))
-            targets = _targets(plan, index, wave, n_frames, model.frame_rate)
+            targets = {name: t for name, t in _targets(plan, index, wave, n_frames,
+                                                         model.frame_rate).items()
+                       if name in gathered.states}
             timings["read"] += time.perf_counter() - tic
             if not targets:
                 continue  # no probe samples this utterance: skip its forward pass
-            audio_seconds += wave.shape[-1] / 16000
+            gathered.audio_seconds += wave.shape[-1] / 16000
             yield _Extracted(index, targets), wave
 
-    # CUDA: the fits' libraries start in the background while the forward pass runs
-    warm_up = start_warm_up(device) if cca_metrics and dist_info.main else None
     bar = tqdm(total=sum(len(block) for block in blocks), desc=f"scoring {label}", unit="utt",
                disable=not progress)
-    n_utterances = 0
     loop_start = time.perf_counter()
     for block in blocks:  # each block batched and folded in alone: the same on any rank
         stream = iter_hidden_states(model, waveforms(block), batch_seconds=config.batch_seconds,
@@ -316,36 +391,39 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                                     dtype=torch.bfloat16 if config.bf16 else None,
                                     read_ahead=MAX_BLOCK_UTTERANCES)
         for item, hidden in stream:
-            n_utterances += 1
+            gathered.n_utterances += 1
             bar.update(1)
             tic = time.perf_counter()
             for name, targets in item.targets.items():
-                _accumulate(states[name], hidden, targets, bool(item_metrics[name]),
+                _accumulate(gathered.states[name], hidden, targets, keep[name],
                             index=item.index, utterance=corpus.utterances[item.index].id)
             _synchronize(device)
             timings["statistics"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        for state in states.values():
+        for state in gathered.states.values():
             state.moments.end_block()
         _synchronize(device)
         timings["statistics"] += time.perf_counter() - tic
     bar.close()
     loop = time.perf_counter() - loop_start
-    timings["forward"] = max(loop - timings["read"] - timings["statistics"], 0.0)
-
+    timings["forward"] += max(loop - (timings["read"] - read_before)
+                              - (timings["statistics"] - statistics_before), 0.0)
     tic = time.perf_counter()
-    counts = _reduce(states, dist_info, keep_items,
-                     (n_utterances, audio_seconds, len(too_short), too_short[:1],
-                      sorted(plan.unreadable.items())))
-    timings["reduce"] = time.perf_counter() - tic
-    if warm_up is not None:
-        tic = time.perf_counter()
-        warm_up.join()
-        timings["cca"] += time.perf_counter() - tic  # what the warm-up did not hide
-    if not dist_info.main:
-        return []
+    counts = _reduce(gathered.states, dist_info, any(keep.values()),
+                     (gathered.n_utterances, gathered.audio_seconds, len(gathered.too_short),
+                      gathered.too_short[:1], sorted(plan.unreadable.items())))
+    timings["reduce"] += time.perf_counter() - tic
     n_utterances, audio_seconds, n_short, short_examples, unreadable = counts
-    meta = {
+    gathered.n_utterances, gathered.audio_seconds = n_utterances, audio_seconds
+    gathered.too_short = short_examples + [""] * (n_short - len(short_examples))
+    gathered.unreadable = unreadable
+    return gathered
+
+
+def _run_meta(model: LayerModel, plan: _Plan, config: AnalysisConfig, device: torch.device,
+              dist_info: Dist, gathered: _Pass, memory: MemoryPlan) -> dict:
+    """How a model's results were made (every result of it carries this)."""
+    return {
         "layerprobe": layerprobe.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -355,28 +433,42 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
         "n_layers": model.n_layers,
         "dim": model.dim,
         "frame_rate": model.frame_rate,
-        "n_utterances": n_utterances,
-        "n_unreadable": len(unreadable),
-        "unreadable": [str(corpus.utterances[i].audio_path) for i, _ in unreadable],
-        "n_too_short": n_short,
-        "audio_seconds": round(audio_seconds, 3),
+        "n_utterances": gathered.n_utterances,
+        "n_unreadable": len(gathered.unreadable),
+        "unreadable": [str(plan.corpus.utterances[i].audio_path)
+                       for i, _ in gathered.unreadable],
+        "n_too_short": len(gathered.too_short),
+        "audio_seconds": round(gathered.audio_seconds, 3),
+        "memory": {"estimate_gb": round(memory.peak / GB, 2),
+                   "budget_gb": None if memory.budget is None else round(memory.budget / GB, 2),
+                   "passes": [list(p) for p in memory.passes]},
         "config": config.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    layers = list(range(n_layers))
+
+
+def _probe_results(gathered: _Pass, model: LayerModel, plan: _Plan, config: AnalysisConfig,
+                   device: torch.device, meta: dict, timings: dict[str, float], *,
+                   model_spec: str, label: str, started: float, skip_failed: bool,
+                   progress: bool) -> list[Result]:
+    """Every metric of every probe of a pass; a probe/metric that cannot be scored raises, or
+    with ``skip_failed`` is left out with a :class:`ScoringWarning`."""
+    cca_metrics = [m for m in config.metrics if m in CCA_METRICS]
+    layers = list(range(model.n_layers + 1))
     results: list[Result] = []
-    for name, state in states.items():
+    for name, state in gathered.states.items():
         shared: dict = {}  # the probe's CCA metrics, computed together on first use (shared fits)
-        for metric in (*cca_metrics, *item_metrics[name]):
+        for metric in (*cca_metrics, *segment_metrics(name, state.probe, config)):
             tic = time.perf_counter()
             try:
                 if state.n_items == 0:
+                    n_short = len(gathered.too_short)
                     short = (f"; {n_short} utterance(s) shorter than the model's receptive "
                              f"field of {model.receptive_field} samples, e.g. "
-                             f"{short_examples[0]}" if n_short else "")
-                    raise ValueError(f"no items in corpus {corpus.name!r} "
+                             f"{gathered.too_short[0]}" if n_short else "")
+                    raise ValueError(f"no items in corpus {plan.corpus.name!r} "
                                      f"(check its alignments and tier names{short})")
-                common = {"model": model_spec, "label": label, "corpus": corpus.name,
+                common = {"model": model_spec, "label": label, "corpus": plan.corpus.name,
                           "probe": name, "layers": layers}
                 if metric == "mi":
                     results.append(_mi_result(state, config, device, common, meta, started))
@@ -385,10 +477,8 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                                                   started))
                 else:
                     if not shared:
-                        shared.update(cca_score_metrics(
-                            state.moments, cca_metrics, n_trials=config.n_trials,
-                            seed=config.seed, device=device,
-                            n_splits=config.probe_config.n_splits, n_seeds=config.n_seeds))
+                        shared.update(_cca_fits(state, cca_metrics, config, device,
+                                                f"fits {label}: {name}", progress))
                     cca = shared[metric]
                     if isinstance(cca, ValueError):
                         raise cca
@@ -404,8 +494,19 @@ def _score_one(model_spec_or_model: LayerModel | str | Path, plan: _Plan, config
                     raise ValueError(message) from err
                 warnings.warn(message, ScoringWarning, stacklevel=2)
             timings[_TIMING_OF.get(metric, "cca")] += time.perf_counter() - tic
-    timings = {k: round(v, 3) for k, v in timings.items()}
-    return [replace(r, meta={**r.meta, "timings": timings}) for r in results]
+    return results
+
+
+def _cca_fits(state: _ProbeState, metrics: list[str], config: AnalysisConfig,
+              device: torch.device, desc: str, progress: bool) -> dict:
+    """A probe's CCA metrics from its statistics (shared fits), with a progress bar over the
+    protocol's trials."""
+    with tqdm(total=config.n_seeds * config.n_trials, desc=desc, unit="trial",
+              disable=not progress, leave=False) as bar:
+        return cca_score_metrics(state.moments, metrics, n_trials=config.n_trials,
+                                 seed=config.seed, device=device,
+                                 n_splits=config.probe_config.n_splits, n_seeds=config.n_seeds,
+                                 on_trial=lambda: bar.update(1))
 
 
 def segment_metrics(name: str, probe: Probe, config: AnalysisConfig) -> list[str]:

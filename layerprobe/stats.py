@@ -8,7 +8,11 @@ depend on the number of items. Accumulators over disjoint data add up (:meth:`Mo
 
 Memory: ``n_splits * n_layers * (dx^2 + dx*dy) * 8`` bytes in float64, e.g. 10 splits x 13 layers
 x 768-d vs 80-d = 0.68 GB, plus a buffer of ``buffer_rows`` items (float32 unless float64 is
-given; 4096 x 13 x 768 x 4 bytes = 0.16 GB) and its sorted copy while flushing.
+given; 4096 x 13 x 768 x 4 bytes = 0.16 GB) and its sorted copy while flushing. ``packed=True``
+(the default on the CPU, where memory is short) keeps each ``X^T X`` as its upper triangle,
+``dx (dx + 1) / 2`` numbers instead of ``dx^2`` (0.37 GB in the example): the Gram of a flush is
+computed whole, as before, and its triangle added; readers get the mirrored full matrix. The
+CPU's float64 GEMM computes ``X^T X`` exactly symmetric, so this changes no bit of a score.
 
 ``compensated=True`` keeps every float64 sum as an unevaluated pair ``hi + lo`` (Neumaier's
 compensated summation: each flush's Gram is added with an exact TwoSum, the rounding error going
@@ -150,7 +154,7 @@ class Moments:
 
     def __init__(self, n_layers: int, dx: int, dy: int, n_splits: int, *,
                  dtype: torch.dtype = torch.float64, device=None, buffer_rows: int = 4096,
-                 compensated: bool = False):
+                 compensated: bool = False, packed: bool | None = None):
         for name, v in (("n_layers", n_layers), ("dx", dx), ("dy", dy), ("n_splits", n_splits),
                         ("buffer_rows", buffer_rows)):
             if int(v) < 1:
@@ -167,7 +171,13 @@ class Moments:
         self.count = torch.zeros(S, dtype=torch.int64, device=self.device)
         self.sum_x = torch.zeros(S, L, dx, **kw)
         self.sum_y = torch.zeros(S, dy, **kw)
-        self.xx = torch.zeros(S, L, dx, dx, **kw)
+        # packed: X^T X as its upper triangle (module docstring); None: on the CPU
+        self.packed = self.device.type == "cpu" if packed is None else bool(packed)
+        rows, cols = torch.triu_indices(dx, dx, device=self.device)
+        self._triu = rows * dx + cols if self.packed else None  # flat indices of the triangle
+        self._tril = cols * dx + rows if self.packed else None  # ... and of its mirror
+        self.xx = torch.zeros(S, L, self._triu.numel(), **kw) if self.packed \
+            else torch.zeros(S, L, dx, dx, **kw)
         self.xy = torch.zeros(S, L, dx, dy, **kw)
         self.yy = torch.zeros(S, dy, dy, **kw)
         self.compensated = bool(compensated)
@@ -182,14 +192,6 @@ class Moments:
         self._fill = 0
         self._total: tuple | None = None  # cached sums over all splits
         self._threads = torch.get_num_threads()  # for the Gram matmuls (set at creation)
-
-    @classmethod
-    def empty(cls, n_layers: int, dx: int, dy: int, n_splits: int, *,
-              dtype: torch.dtype = torch.float64, device=None,
-              buffer_rows: int = 4096, compensated: bool = False) -> Moments:
-        """A zero accumulator."""
-        return cls(n_layers, dx, dy, n_splits, dtype=dtype, device=device,
-                   buffer_rows=buffer_rows, compensated=compensated)
 
     # ------------------------------------------------------------------ accumulation
     def update(self, x, y, split, *, block: bool = False) -> None:
@@ -313,14 +315,19 @@ class Moments:
             row_sums = xs.sum(dim=1)
             if check and not bool(torch.isfinite(row_sums).all()):
                 check_finite(x, name="Moments.update: x", layered=True)  # names the layers
-            if not self.compensated:
+            if not self.compensated and not self.packed:
                 self.xx[s].baddbmm_(xs.mT, xs)
                 self.xy[s].add_(torch.matmul(xs.mT, ys))
             else:
                 if self._gram is None:
-                    self._gram = torch.empty_like(self.xx[0])
+                    self._gram = torch.empty(self.n_layers, self.dx, self.dx, dtype=self.dtype,
+                                             device=self.device)
                 torch.bmm(xs.mT, xs, out=self._gram)
+                gram = self._pack(self._gram)
                 cross = torch.matmul(xs.mT, ys)
+                if not self.compensated:
+                    self.xx[s].add_(gram)
+                    self.xy[s].add_(cross)
         self.count[s] += xs.shape[1]
         self._total = None
         if not self.compensated:
@@ -330,9 +337,29 @@ class Moments:
             return
         self._settled = False
         with _cpu_threads(self._threads):  # elementwise passes over whole slots: all threads
-            for name, part in (("xx", self._gram), ("xy", cross), ("yy", ys.T @ ys),
+            for name, part in (("xx", gram), ("xy", cross), ("yy", ys.T @ ys),
                                ("sum_x", row_sums), ("sum_y", ys.sum(dim=0))):
                 _two_sum_add_(getattr(self, name)[s], self._lo[name][s], part)
+
+    def _pack(self, gram: torch.Tensor) -> torch.Tensor:
+        """``[L, dx, dx]`` → its storage form (the upper triangle ``[L, T]`` when packed)."""
+        if not self.packed:
+            return gram
+        return gram.reshape(gram.shape[0], -1).index_select(1, self._triu)
+
+    def _unpack(self, xx: torch.Tensor) -> torch.Tensor:
+        """Stored ``X^T X`` ``[L, T]`` (packed) or ``[L, dx, dx]`` → the full ``[L, dx, dx]``."""
+        if not self.packed:
+            return xx
+        full = xx.new_empty(xx.shape[0], self.dx * self.dx)
+        full[:, self._triu] = xx
+        full[:, self._tril] = xx
+        return full.view(xx.shape[0], self.dx, self.dx)
+
+    def xx_matrix(self, split: int) -> torch.Tensor:
+        """``X^T X`` of one split, all layers, as full matrices ``[L, dx, dx]``."""
+        self.flush()
+        return self._unpack(self.xx[split])
 
     def end_block(self) -> None:
         """Fold the buffered rows in now: a boundary that does not depend on what comes next
@@ -379,11 +406,11 @@ class Moments:
         self.flush()
 
     def _check_compatible(self, other: Moments) -> None:
-        mine = (self.n_layers, self.dx, self.dy, self.n_splits)
-        theirs = (other.n_layers, other.dx, other.dy, other.n_splits)
+        mine = (self.n_layers, self.dx, self.dy, self.n_splits, self.packed)
+        theirs = (other.n_layers, other.dx, other.dy, other.n_splits, other.packed)
         if mine != theirs:
-            raise ValueError(f"Moments.merge: shapes differ (n_layers, dx, dy, n_splits) "
-                             f"{mine} vs {theirs}")
+            raise ValueError(f"Moments.merge: shapes differ (n_layers, dx, dy, n_splits, "
+                             f"packed) {mine} vs {theirs}")
 
     def merge(self, other: Moments) -> Moments:
         """A new accumulator equal to one pass over both data sets."""
@@ -392,9 +419,9 @@ class Moments:
         self._check_compatible(other)
         self.flush()
         other.flush()
-        out = Moments.empty(self.n_layers, self.dx, self.dy, self.n_splits, dtype=self.dtype,
-                            device=self.device, buffer_rows=self.buffer_rows,
-                            compensated=self.compensated)
+        out = Moments(self.n_layers, self.dx, self.dy, self.n_splits, dtype=self.dtype,
+                      device=self.device, buffer_rows=self.buffer_rows,
+                      compensated=self.compensated, packed=self.packed)
         out.count.copy_(self.count + other.count.to(self.device))
         for name in _SUM_FIELDS:
             a, b = getattr(self, name), getattr(other, name).to(device=self.device,
@@ -430,6 +457,7 @@ class Moments:
         if n < 2:
             raise ValueError(f"Moments.centred: splits {idx} hold {n} item(s); need at least 2")
         sx, sy, gxx, gxy, gyy = self._sums(idx)  # fresh tensors: centred in place
+        gxx = self._unpack(gxx)
         mx, my = sx / n, sy / n
         cxx = gxx.baddbmm_(sx[:, :, None], mx[:, None, :], alpha=-1)
         cxy = gxy.baddbmm_(sx[:, :, None], my.expand(len(sx), 1, -1), alpha=-1)
@@ -469,7 +497,7 @@ class Moments:
         lo = {f"{k}_lo": v.detach().cpu().clone() for k, v in self._lo.items() if v is not None}
         return {"format": _STATE_FORMAT, "n_layers": self.n_layers, "dx": self.dx,
                 "dy": self.dy, "n_splits": self.n_splits, "buffer_rows": self.buffer_rows,
-                "compensated": self.compensated,
+                "compensated": self.compensated, "packed": self.packed,
                 **{k: getattr(self, k).detach().cpu().clone()
                    for k in ("count", *_SUM_FIELDS)}, **lo}
 
@@ -479,9 +507,10 @@ class Moments:
         if d.get("format") not in (_STATE_FORMAT, "layerprobe-moments-v1"):
             raise ValueError(f"Moments.from_state_dict: format {d.get('format')!r} is not "
                              f"{_STATE_FORMAT!r}")
-        out = cls.empty(d["n_layers"], d["dx"], d["dy"], d["n_splits"], dtype=d["xx"].dtype,
-                        device=device, buffer_rows=d.get("buffer_rows", 4096),
-                        compensated=bool(d.get("compensated", False)))
+        out = cls(d["n_layers"], d["dx"], d["dy"], d["n_splits"], dtype=d["xx"].dtype,
+                  device=device, buffer_rows=d.get("buffer_rows", 4096),
+                  compensated=bool(d.get("compensated", False)),
+                  packed=bool(d.get("packed", False)))
         wanted = [("count", out.count), *((k, getattr(out, k)) for k in _SUM_FIELDS)]
         if out.compensated:
             wanted += [(f"{k}_lo", out._lo[k]) for k in _SUM_FIELDS]

@@ -221,8 +221,9 @@ def summarise(plan: StudyPlan, out: Path) -> dict[str, Any]:
                         for i in iterations}
         schedules[s]["final_iteration"] = f"it{iterations[-1]}"
     baselines = load_results(out / "baselines.json")
-    random = [random_init_measures(out / s / f"seed{seed}", metric)
-              for s in plan.schedules for seed in plan.seeds]
+    # the step-0 model depends on the preset and the seed only: one per seed
+    random = [random_init_measures(out / plan.schedules[0] / f"seed{seed}", metric)
+              for seed in plan.seeds]
     base = {"log_mel": {"phone_proxy": _best(_find(baselines, "log-mel input", "phone",
                                                    "linear-accuracy")),
                         "phone_pwcca": _best(_find(baselines, "log-mel input", "phone",

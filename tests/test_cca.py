@@ -311,7 +311,7 @@ def test_cca_score_protocol_one_hot_labels():
 def test_moments_path_equals_array_path_and_seed_matters():
     x, y = make_views(1200, 7, 4, seed=11, n_layers=2)
     split = assign_splits(1200, n_splits=10, seed=0)
-    m = Moments.empty(2, 7, 4, 10)
+    m = Moments(2, 7, 4, 10)
     for start in range(0, 1200, 97):  # a stream of small utterances
         m.update(torch.from_numpy(x[:, start:start + 97]).float(),
                  torch.from_numpy(y[start:start + 97]).float(), split[start:start + 97])
@@ -396,7 +396,7 @@ def test_metrics_scored_together_equal_each_metric_alone():
     x = torch.stack([z @ torch.randn(4, 12, generator=gen) * (layer + 1)
                      + torch.randn(1600, 12, generator=gen) for layer in range(3)])
     y = z @ torch.randn(4, 5, generator=gen) + torch.randn(1600, 5, generator=gen)
-    mom = Moments.empty(3, 12, 5, 20)
+    mom = Moments(3, 12, 5, 20)
     mom.update(x, y, torch.from_numpy(assign_splits(1600, n_splits=20, seed=0)))
     metrics = ["pwcca", "mean-cca", "pwcca-centred", "cka", "svcca"]
     together = cca_score_metrics(mom, metrics, n_splits=10, n_seeds=2)
